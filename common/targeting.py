@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from lab.common.config.model import Alert, Definitions, Exclude, Group, Selector
+from lab.common import _bitset
 from lab.common.errors import NotFound
 
 # Auto-generated alerts. Ports and Puppet classes known to need a check:
@@ -164,134 +165,156 @@ def group_order(definitions: Definitions) -> list[str]:
 
 
 class Fleet:
-    """Definitions applied to an inventory. Sets are computed once; one server can be
-    re-evaluated alone (``relabel``) without recomputing the fleet."""
+    """Definitions applied to an inventory.
+
+    Every server has a slot number; label, environment, region, group and alert memberships are
+    bitsets over those slots (Python ints), so the set algebra of a whole fleet costs
+    milliseconds. ``compile()`` adds per-server reverse indexes; ``relabel()`` re-evaluates one
+    server alone and patches only the sets it joins or leaves."""
 
     def __init__(self, definitions: Definitions, servers: Iterable[ServerLike]) -> None:
         self.definitions = definitions
         self.servers: dict[str, ServerLike] = {}
-        self._by_label: dict[str, set[str]] = {}
-        self._by_env: dict[str | None, set[str]] = {}
-        self._by_region: dict[str | None, set[str]] = {}
+        self._slot: dict[str, int] = {}
+        self._names: list[str | None] = []
+        slots_by: dict[str, dict[object, list[int]]] = {"label": {}, "env": {}, "region": {}}
         for s in servers:
-            self._index(s)
+            if s.name in self._slot:
+                raise ValueError(f"server {s.name!r} listed twice")
+            i = len(self._names)
+            self._slot[s.name] = i
+            self._names.append(s.name)
+            self.servers[s.name] = s
+            for label in s.labels:
+                slots_by["label"].setdefault(label, []).append(i)
+            slots_by["env"].setdefault(s.environment, []).append(i)
+            slots_by["region"].setdefault(s.region, []).append(i)
+        size = len(self._names)
+        self._by_label: dict[object, int] = {k: _bitset.from_indices(v, size) for k, v in slots_by["label"].items()}
+        self._by_env: dict[object, int] = {k: _bitset.from_indices(v, size) for k, v in slots_by["env"].items()}
+        self._by_region: dict[object, int] = {k: _bitset.from_indices(v, size) for k, v in slots_by["region"].items()}
+        self._all = (1 << size) - 1
         self._order = group_order(definitions)
-        self._members: dict[str, set[str]] | None = None
-        self._group_excluded: dict[str, dict[str, str]] = {}
-        self._alert_members: dict[str, set[str]] | None = None
-        self._alert_excluded: dict[str, dict[str, str]] = {}
-        self._server_groups: dict[str, list[str]] | None = None
-        self._server_alerts: dict[str, list[str]] | None = None
+        self._members: dict[str, int] | None = None
+        self._group_excluded: dict[str, int] = {}
+        self._alert_members: dict[str, int] | None = None
+        self._alert_excluded: dict[str, int] = {}
+        self._server_groups: list[list[str]] | None = None
+        self._server_alerts: list[list[str]] | None = None
+        self._server_excl: dict[int, tuple[list[str], list[str]]] = {}  # slot → (groups, alerts) excluding it
 
-    # -- indexes ------------------------------------------------------------------------------
+    # -- slots -------------------------------------------------------------------------------
 
-    def _index(self, s: ServerLike) -> None:
-        self.servers[s.name] = s
-        for label in s.labels:
-            self._by_label.setdefault(label, set()).add(s.name)
-        self._by_env.setdefault(s.environment, set()).add(s.name)
-        self._by_region.setdefault(s.region, set()).add(s.name)
+    def _names_of(self, bits: int) -> list[str]:
+        names = self._names
+        return sorted(names[i] for i in _bitset.indices(bits))  # type: ignore[misc]
 
-    def _unindex(self, s: ServerLike) -> None:
-        del self.servers[s.name]
-        for label in s.labels:
-            self._by_label.get(label, set()).discard(s.name)
-        self._by_env.get(s.environment, set()).discard(s.name)
-        self._by_region.get(s.region, set()).discard(s.name)
+    def _bit(self, name: str) -> int:
+        return 1 << self._slot[name]
 
-    # -- whole-fleet sets ---------------------------------------------------------------------
+    def _move(self, table: dict[object, int], old: object, new: object, bit: int) -> None:
+        if old in table:
+            table[old] &= ~bit
+        table[new] = table.get(new, 0) | bit
 
-    def _select(self, sel: Selector, members: Mapping[str, set[str]]) -> set[str]:
-        """Servers a selector holds for, as a set; smallest key first keeps intersections cheap."""
-        parts: list[set[str]] = []
+    # -- whole-fleet sets --------------------------------------------------------------------
+
+    def _select(self, sel: Selector, members: Mapping[str, int]) -> int:
+        """The slots a selector holds for: each key a union, keys intersected."""
+        out = self._all
         if sel.servers:
-            parts.append({n for n in sel.servers if n in self.servers})
-        if sel.labels:
-            parts.append(_union(self._by_label.get(x, ()) for x in sel.labels))
-        if sel.environments:
-            parts.append(_union(self._by_env.get(x, ()) for x in sel.environments))
-        if sel.regions:
-            parts.append(_union(self._by_region.get(x, ()) for x in sel.regions))
-        if sel.groups:
-            parts.append(_union(members[g] for g in sel.groups))
-        if not parts:
-            return set()
-        parts.sort(key=len)
-        out = set(parts[0])
-        for p in parts[1:]:
-            out &= p
-            if not out:
-                break
+            bits = 0
+            for n in sel.servers:
+                if n in self._slot:
+                    bits |= self._bit(n)
+            out &= bits
+        for values, table in ((sel.labels, self._by_label), (sel.environments, self._by_env), (sel.regions, self._by_region)):
+            if values and out:
+                bits = 0
+                for v in values:
+                    bits |= table.get(v, 0)
+                out &= bits
+        if sel.groups and out:
+            bits = 0
+            for g in sel.groups:
+                bits |= members[g]
+            out &= bits
         return out
 
-    def _excluded(self, ex: Exclude | None, candidates: set[str], members: Mapping[str, set[str]]) -> dict[str, str]:
-        """The candidates ``ex`` removes, each with its reason."""
+    def _excluded(self, ex: Exclude | None, candidates: int, members: Mapping[str, int]) -> int:
+        """The candidates ``ex`` removes."""
         if ex is None or not candidates:
-            return {}
-        out: dict[str, str] = {}
-        for name in ex.servers:
-            if name in candidates:
-                out[name] = "by name"
-        for g in sorted(ex.groups):
-            for name in members[g] & candidates:
-                out.setdefault(name, f'member of group "{g}"')
+            return 0
+        bits = 0
+        for n in ex.servers:
+            if n in self._slot:
+                bits |= self._bit(n)
+        for g in ex.groups:
+            bits |= members[g]
         if ex.attributes is not None:
-            why = f"{ex.attributes.describe()} (explicitly excluded)"
-            for name in self._select(ex.attributes, members) & candidates:
-                out.setdefault(name, why)
-        return out
+            bits |= self._select(ex.attributes, members)
+        return bits & candidates
 
-    def _group_sets(self) -> dict[str, set[str]]:
+    def _group_sets(self) -> dict[str, int]:
         if self._members is None:
-            members: dict[str, set[str]] = {}
+            members: dict[str, int] = {}
             for name in self._order:
                 g = self.definitions.groups[name]
-                cand = self._select(g.match, members) if g.match is not None else set()
-                cand |= {s for s in g.servers if s in self.servers}
+                cand = self._select(g.match, members) if g.match is not None else 0
+                for n in g.servers:
+                    if n in self._slot:
+                        cand |= self._bit(n)
                 for sub in g.groups:
                     cand |= members[sub]
                 excluded = self._excluded(g.exclude, cand, members)
                 if excluded:
-                    cand.difference_update(excluded)
                     self._group_excluded[name] = excluded
-                members[name] = cand
+                members[name] = cand & ~excluded
             self._members = members
         return self._members
 
-    def _alert_sets(self) -> dict[str, set[str]]:
+    def _alert_sets(self) -> dict[str, int]:
         if self._alert_members is None:
             groups = self._group_sets()
-            out: dict[str, set[str]] = {}
+            out: dict[str, int] = {}
             for name, alert in self.definitions.alerts.items():
                 cand = self._select(alert.target, groups)
                 excluded = self._excluded(alert.exclude, cand, groups)
                 if excluded:
-                    cand.difference_update(excluded)
                     self._alert_excluded[name] = excluded
-                out[name] = cand
+                out[name] = cand & ~excluded
             self._alert_members = out
         return self._alert_members
 
+    def _reverse(self, sets: Mapping[str, int]) -> list[list[str]]:
+        """slot → names of the sets it belongs to, in the order ``sets`` gives them."""
+        per_slot: list[list[str]] = [[] for _ in self._names]
+        for name, bits in sets.items():
+            for i in _bitset.indices(bits):
+                per_slot[i].append(name)
+        return per_slot
+
     def compile(self) -> None:
-        """Compute every group and alert set and the per-server reverse indexes."""
+        """Every group and alert set, and for every server the groups and alerts it is in."""
         groups = self._group_sets()
         alerts = self._alert_sets()
-        server_groups: dict[str, list[str]] = {n: [] for n in self.servers}
-        for g in self.definitions.groups:  # definition order, so listings are stable
-            for n in groups[g]:
-                server_groups[n].append(g)
-        server_alerts: dict[str, list[str]] = {n: [] for n in self.servers}
+        self._server_groups = self._reverse({g: groups[g] for g in self.definitions.groups})
+        self._server_alerts = self._reverse(alerts)
+        excl: dict[int, tuple[list[str], list[str]]] = {}
+        for g in self.definitions.groups:
+            for i in _bitset.indices(self._group_excluded.get(g, 0)):
+                excl.setdefault(i, ([], []))[0].append(g)
         for a in self.definitions.alerts:
-            for n in alerts[a]:
-                server_alerts[n].append(a)
-        self._server_groups, self._server_alerts = server_groups, server_alerts
+            for i in _bitset.indices(self._alert_excluded.get(a, 0)):
+                excl.setdefault(i, ([], []))[1].append(a)
+        self._server_excl = excl
 
     def compile_all(self) -> dict[str, ServerView]:
-        """What every server gets (the full compile)."""
+        """Every server's complete view (compile, then assemble each view)."""
         self.compile()
         return {name: self.server(name) for name in self.servers}
 
-    # -- one server ---------------------------------------------------------------------------
+    # -- one server --------------------------------------------------------------------------
 
     def evaluate_one(self, server: ServerLike) -> tuple[dict[str, bool], dict[str, str], list[str], dict[str, str]]:
         """Group membership and alerts for one server alone, without whole-fleet sets.
@@ -322,58 +345,65 @@ class Fleet:
                     a_excl[name] = why
         return in_group, g_excl, alerts, a_excl
 
+    def _exclusions_of(self, name: str, groups: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Which groups and alerts exclude a compiled server, with the reason of each."""
+        excl_groups, excl_alerts = self._server_excl.get(self._slot[name], ((), ()))
+        if not excl_groups and not excl_alerts:
+            return {}, {}
+        s, d, in_group = self.servers[name], self.definitions, _Membership(groups)
+        g_excl = {g: _exclude_reason(d.groups[g].exclude, s, in_group) or "excluded" for g in excl_groups}  # type: ignore[arg-type]
+        a_excl = {a: _exclude_reason(d.alerts[a].exclude, s, in_group) or "excluded" for a in excl_alerts}  # type: ignore[arg-type]
+        return g_excl, a_excl
+
     def server(self, name: str) -> ServerView:
-        """What ``name`` gets. Uses the compiled indexes when present, else evaluates alone."""
+        """What ``name`` gets: from the compiled indexes when present, else evaluated alone."""
         s = self.servers.get(name)
         if s is None:
             raise NotFound(f"no server named '{name}'")
         if self._server_groups is not None and self._server_alerts is not None:
-            groups = self._server_groups[name]
-            alerts = self._server_alerts[name]
-            g_excl = {g: ex[name] for g, ex in self._group_excluded.items() if name in ex}
-            a_excl = {a: ex[name] for a, ex in self._alert_excluded.items() if name in ex}
-            in_group = _Membership(groups)
+            slot = self._slot[name]
+            groups = self._server_groups[slot]
+            alerts = self._server_alerts[slot]
+            g_excl, a_excl = self._exclusions_of(name, groups)
         else:
             flags, g_excl, alerts, a_excl = self.evaluate_one(s)
             groups = [g for g in self.definitions.groups if flags[g]]
-            in_group = _Membership(groups)
-        return self._view(s, groups, in_group, alerts, g_excl, a_excl)
+        return self._view(s, groups, _Membership(groups), alerts, g_excl, a_excl)
 
     def relabel(self, name: str, server: ServerLike) -> ServerView:
         """Replace one server's record (labels, environment, ...) and update every set it is in."""
         old = self.servers.get(name)
         if old is None:
             raise NotFound(f"no server named '{name}'")
-        self._unindex(old)
-        self._index(server)
+        if server.name != name:
+            raise ValueError("relabel cannot rename a server")
+        bit = self._bit(name)
+        for label in set(old.labels) - set(server.labels):
+            self._by_label[label] &= ~bit
+        for label in set(server.labels) - set(old.labels):
+            self._by_label[label] = self._by_label.get(label, 0) | bit
+        self._move(self._by_env, old.environment, server.environment, bit)
+        self._move(self._by_region, old.region, server.region, bit)
+        self.servers[name] = server
         if self._members is None:
             return self.server(name)
         flags, g_excl, alerts, a_excl = self.evaluate_one(server)
-        for g, members in self._members.items():
-            if flags[g]:
-                members.add(name)
-            else:
-                members.discard(name)
-            ex = self._group_excluded.get(g)
-            if ex is not None:
-                ex.pop(name, None)
-            if g in g_excl:
-                self._group_excluded.setdefault(g, {})[name] = g_excl[g]
+        if self._server_groups is None or self._server_alerts is None:
+            self.compile()  # from the sets as they were, so the patch below brings them up to date
+        assert self._server_groups is not None and self._server_alerts is not None
+        slot = self._slot[name]
+        new_groups = [g for g in self.definitions.groups if flags[g]]
+        old_excl = self._server_excl.pop(slot, ((), ()))
+        # Touch only the sets this server joins or leaves: each big-int operation costs microseconds.
+        _patch(self._members, self._server_groups[slot], new_groups, bit)
+        _patch(self._group_excluded, old_excl[0], list(g_excl), bit)
         if self._alert_members is not None:
-            alert_set = set(alerts)
-            for a, members in self._alert_members.items():
-                if a in alert_set:
-                    members.add(name)
-                else:
-                    members.discard(name)
-                ex = self._alert_excluded.get(a)
-                if ex is not None:
-                    ex.pop(name, None)
-                if a in a_excl:
-                    self._alert_excluded.setdefault(a, {})[name] = a_excl[a]
-        if self._server_groups is not None and self._server_alerts is not None:
-            self._server_groups[name] = [g for g in self.definitions.groups if flags[g]]
-            self._server_alerts[name] = alerts
+            _patch(self._alert_members, self._server_alerts[slot], alerts, bit)
+            _patch(self._alert_excluded, old_excl[1], list(a_excl), bit)
+        if g_excl or a_excl:
+            self._server_excl[slot] = (list(g_excl), list(a_excl))
+        self._server_groups[slot] = new_groups
+        self._server_alerts[slot] = alerts
         return self.server(name)
 
     def _view(
@@ -442,24 +472,32 @@ class Fleet:
             undefined_labels=tuple(x for x in s.labels if x not in d.labels),
         )
 
-    # -- reverse direction --------------------------------------------------------------------
+    # -- reverse direction -------------------------------------------------------------------
 
     def select(self, selector: Selector, exclude: Exclude | None = None) -> list[str]:
         """Servers a selector (with optional exclusions) picks, sorted by name."""
         groups = self._group_sets() if selector.groups or (exclude and exclude.groups) else {}
-        cand = self._select(selector, groups) if not selector.is_empty() else set(self.servers)
-        cand.difference_update(self._excluded(exclude, cand, groups))
-        return sorted(cand)
+        cand = self._select(selector, groups) if not selector.is_empty() else self._all
+        return self._names_of(cand & ~self._excluded(exclude, cand, groups))
 
     def label_servers(self, label: str) -> list[str]:
         if label not in self.definitions.labels:
             raise NotFound(f"no label named '{label}'")
-        return sorted(self._by_label.get(label, ()))
+        return self._names_of(self._by_label.get(label, 0))
 
     def group_members(self, group: str) -> list[str]:
         if group not in self.definitions.groups:
             raise NotFound(f"no group named '{group}'")
-        return sorted(self._group_sets()[group])
+        return self._names_of(self._group_sets()[group])
+
+    def _excluded_with_reasons(self, bits: int, ex: Exclude | None) -> list[tuple[str, str]]:
+        if not bits or ex is None:
+            return []
+        out = []
+        for n in self._names_of(bits):
+            flags = _Membership(g for g in ex.groups if self._group_sets()[g] & self._bit(n))
+            out.append((n, _exclude_reason(ex, self.servers[n], flags) or "excluded"))
+        return out
 
     def group(self, name: str) -> GroupView:
         members = self.group_members(name)
@@ -468,8 +506,8 @@ class Fleet:
         return GroupView(
             name=name,
             members=tuple(members),
-            subgroups=tuple((sub, len(sets[sub])) for sub in g.groups),
-            excluded=tuple(sorted(self._group_excluded.get(name, {}).items())),
+            subgroups=tuple((sub, sets[sub].bit_count()) for sub in g.groups),
+            excluded=tuple(sorted(self._excluded_with_reasons(self._group_excluded.get(name, 0), g.exclude))),
             missing_servers=tuple(s for s in g.servers if s not in self.servers),
             alerts=tuple(a.name for a in self.definitions.alerts.values() if name in a.target.groups),
             parents=tuple(p.name for p in self.definitions.groups.values() if name in p.groups),
@@ -480,7 +518,8 @@ class Fleet:
         if alert not in self.definitions.alerts:
             raise NotFound(f"no alert named '{alert}'")
         members = self._alert_sets()[alert]
-        return sorted(members), sorted(self._alert_excluded.get(alert, {}).items())
+        excluded = self._excluded_with_reasons(self._alert_excluded.get(alert, 0), self.definitions.alerts[alert].exclude)
+        return self._names_of(members), sorted(excluded)
 
     def alert_servers_any(self, alert: str) -> list[tuple[str, str]]:
         """Every (server, source) that receives an alert of this name, from any source,
@@ -497,10 +536,19 @@ class Fleet:
         if path not in self.definitions.secrets:
             raise NotFound(f"no secret named '{path}'")
         return [
-            (label.name, sorted(self._by_label.get(label.name, ())))
+            (label.name, self._names_of(self._by_label.get(label.name, 0)))
             for label in self.definitions.labels.values()
             if path in label.secrets
         ]
+
+
+def _patch(sets: dict[str, int], before: Iterable[str], after: Iterable[str], bit: int) -> None:
+    """Move one server (``bit``) from the sets named in ``before`` to those in ``after``."""
+    old, new = set(before), set(after)
+    for name in old - new:
+        sets[name] &= ~bit
+    for name in new - old:
+        sets[name] = sets.get(name, 0) | bit
 
 
 class _Membership(dict):
@@ -547,10 +595,3 @@ def _target_source(alert: Alert, s: ServerLike, in_group: Mapping[str, bool]) ->
     if t.regions:
         return f"region:{s.region}"
     return f"server:{s.name}"
-
-
-def _union(sets: Iterable[Iterable[str]]) -> set[str]:
-    out: set[str] = set()
-    for s in sets:
-        out |= s if isinstance(s, set) else set(s)
-    return out
