@@ -491,6 +491,11 @@ def _from(source: str) -> str:
     return f"(from {kind}: {name})"
 
 
+# -- command modules -------------------------------------------------------------------------
+# Larger command families live in their own modules and register on `app` (or its sub-apps)
+# when imported here, one line each.
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 
