@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" tools/demo.sh
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
