@@ -5,7 +5,7 @@
 set -euo pipefail
 case "${1:-test}" in
   venv) pkgs=(python3-venv python3-pip) ;;
-  test) pkgs=() ;;
+  test) pkgs=(bind9 bind9-dnsutils) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac
 missing=()
