@@ -18,6 +18,7 @@ import yaml
 from lab.common.config import Definitions, Exclude, Selector, format_duration, load_definitions
 from lab.common.errors import ConfigError, NotFound, UsageError
 from lab.common.targeting import Fleet, Item, ServerView
+from lab.coordinator.alerts.engine_ext import AlertsMixin  # alerts + health: render, HEALTH pillar, values
 from lab.coordinator.state import StateDB
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "common" / "config" / "examples"
@@ -93,7 +94,7 @@ class ServerFilter:
         return not (self.labels or self.groups or self.environments or self.regions or self.exclude)
 
 
-class Engine:
+class Engine(AlertsMixin):
     """One coordinator's view of the world. Opening it never fails because of a corrupt state.db
     (the state layer restores a snapshot and says so in ``warnings``)."""
 
@@ -241,7 +242,7 @@ class Engine:
             else:  # without groups no definitions are needed: filter the records directly
                 servers = [s for s in servers if _plain_match(s, flt)]
         sizes = self._label_sizes()
-        return [_server_record(s, sizes) for s in servers]
+        return self.with_health([_server_record(s, sizes) for s in servers])  # HEALTH pillar: alerts/engine_ext.py
 
     def _label_sizes(self) -> dict[str, str]:
         """label → size, to show a server's effective size; broken definitions only cost that."""
@@ -344,7 +345,9 @@ class Engine:
     def show_server(self, name: str) -> dict[str, Any]:
         record = self.state.get_server(name)
         view = self.fleet().server(name)
-        return _server_view(record, view, self.definitions)
+        out = _server_view(record, view, self.definitions)
+        out["health"] = self.server_health(name)  # alerts/engine_ext.py
+        return out
 
     def show_label(self, name: str) -> dict[str, Any]:
         d = self.definitions
@@ -396,7 +399,7 @@ class Engine:
             servers, excluded = fleet.alert_servers(name)
             via_labels = [lb.name for lb in d.labels.values() if name in lb.alerts]
             extra = [(s, src) for s, src in fleet.alert_servers_any(name) if s not in servers] if via_labels else []
-            return {
+            return self.with_alert_values({  # current values: alerts/engine_ext.py
                 "name": name,
                 "kind": "defined",
                 "severity": a.severity,
@@ -409,18 +412,18 @@ class Engine:
                 "excluded": [{"server": s, "reason": r} for s, r in excluded],
                 "labels": via_labels,
                 "defined_at": str(a.location) if a.location else None,
-            }
+            })
         holders = fleet.alert_servers_any(name)
         via_labels = [lb.name for lb in d.labels.values() if name in lb.alerts]
         if not holders and not via_labels:
             raise NotFound(f"no alert named '{name}' (not defined, not named by a label, not auto-generated for any server)")
-        return {
+        return self.with_alert_values({  # current values: alerts/engine_ext.py
             "name": name,
             "kind": "auto" if all(src.startswith("auto:") for _, src in holders) and not via_labels else "named check",
             "labels": via_labels,
             "servers": [{"name": s, "provider": _provider(fleet, s), "source": src} for s, src in holders],
             "excluded": [],
-        }
+        })
 
     def show_secret(self, path: str) -> dict[str, Any]:
         d = self.definitions
@@ -448,6 +451,18 @@ class Engine:
     def targets_server(self, name: str) -> dict[str, Any]:
         """Everything that targets a server, grouped by kind (the reverse query)."""
         return self.show_server(name)
+
+    # -- live views (lab dash) -------------------------------------------------------------------
+
+    def server_status(self, name: str) -> dict[str, Any]:
+        """One server's inventory record with its four pillars (a row of `get_servers`)."""
+        return _server_record(self.state.get_server(name), self._label_sizes())
+
+    def reload(self) -> None:
+        """Forget cached definitions and fleet, so the next call sees edits made elsewhere
+        (definition files, other `lab` processes writing state.db)."""
+        self._definitions = None
+        self._fleet = None
 
 
 def _exclusion_rules(ex: Exclude, excluded: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@
 set -euo pipefail
 case "${1:-test}" in
   venv) pkgs=(python3-venv python3-pip) ;;
-  test) pkgs=(bind9 bind9-dnsutils) ;;
+  test) pkgs=(bind9 bind9-dnsutils prometheus nagios4-core monitoring-plugins-basic) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac
 missing=()

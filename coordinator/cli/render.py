@@ -65,6 +65,8 @@ def aligned(items: Sequence[tuple[str, str]], out: TextIO, indent: str = "  ") -
 
 def pillar(value: str) -> str:
     """One of the four pillars as a cell: a symbol and a word."""
+    if value.startswith("unknown"):
+        return f"{UNKNOWN} {value}"
     symbol = {
         "sync": OK,
         "ok": OK,
