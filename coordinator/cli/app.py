@@ -494,6 +494,7 @@ def _from(source: str) -> str:
 # -- command modules -------------------------------------------------------------------------
 # Larger command families live in their own modules and register on `app` (or its sub-apps)
 # when imported here, one line each.
+from lab.coordinator.cli import dash_cmd  # noqa: E402,F401  `lab dash`
 from lab.coordinator.cli import alerts_cmd  # noqa: E402,F401  `lab render/diff alerts`, health in show
 
 
