@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TextIO
 
 os.environ.setdefault("TYPER_USE_RICH", "0")  # plain usage errors; must precede `import typer`
@@ -14,8 +13,8 @@ os.environ.setdefault("TYPER_USE_RICH", "0")  # plain usage errors; must precede
 import typer  # noqa: E402
 
 from lab.common.errors import ConfigError, LabError
-from lab.coordinator.cli import render
-from lab.coordinator.cli.render import aligned, emit, pillar, table, tree
+from lab.coordinator.cli import render, views
+from lab.coordinator.cli.render import emit
 from lab.coordinator.engine import Engine, Paths, ServerFilter
 
 app = typer.Typer(
@@ -150,7 +149,7 @@ def server_relabel(
     fmt = _format(output)
     with _engine(definitions) as engine:
         view = engine.set_labels(name, labels)
-    emit(view, fmt, _human_server)
+    emit(view, fmt, views.server)
 
 
 @server_app.command("remove")
@@ -161,44 +160,27 @@ def server_remove(name: str, definitions: Definitions = None) -> None:
     print(f"✓ server {name} removed")
 
 
-# -- get ---------------------------------------------------------------------------------------
+# -- get / show / targets -------------------------------------------------------------------------
 
 
-def _local_banner(engine: Engine, fmt: str) -> None:
-    if fmt == "table" and sys.stderr.isatty():
-        print(f"ⓘ Running locally ({engine.paths.home}/state.db)", file=sys.stderr)
+def _query(definitions: str | None, output: str, fetch: Callable[[Engine], Any], human: Callable[[Any, TextIO], None]) -> None:
+    """Fetch one view from the engine and print it as a table/tree or as JSON/YAML."""
+    fmt = _format(output)
+    with _engine(definitions) as engine:
+        if fmt == "table" and sys.stderr.isatty():
+            print(f"ⓘ Running locally ({engine.paths.home}/state.db)", file=sys.stderr)
+        data = fetch(engine)
+    emit(data, fmt, human)
 
 
 @get_app.command("servers")
 def get_servers(
-    label: LabelOpt = None,
-    group: GroupOpt = None,
-    environment: EnvOpt = None,
-    region: RegionOpt = None,
-    exclude: ExcludeOpt = None,
-    definitions: Definitions = None,
-    output: Output = "table",
+    label: LabelOpt = None, group: GroupOpt = None, environment: EnvOpt = None, region: RegionOpt = None,
+    exclude: ExcludeOpt = None, definitions: Definitions = None, output: Output = "table",
 ) -> None:
     """Servers with the four pillars: sync, puppet, health, identity."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        _local_banner(engine, fmt)
-        rows = engine.get_servers(_filter(label, group, environment, region, exclude))
-
-    def human(rs: list[dict[str, Any]], out: TextIO) -> None:
-        if not rs:
-            out.write("No servers.\n")
-            return
-        table(
-            ["NAME", "PROVIDER", "LABELS", "SIZE", "SYNC", "PUPPET", "HEALTH", "IDENTITY"],
-            [
-                [r["name"], r["provider"], ",".join(r["labels"]), r["size"] or "—", pillar(r["sync"]), pillar(r["puppet"]), pillar(r["health"]), pillar(r["identity"])]
-                for r in rs
-            ],
-            out,
-        )
-
-    emit(rows, fmt, human)
+    flt = _filter(label, group, environment, region, exclude)
+    _query(definitions, output, lambda e: e.get_servers(flt), views.servers_table)
 
 
 @get_app.command("labels")
@@ -207,14 +189,8 @@ def get_labels(
     exclude: ExcludeOpt = None, definitions: Definitions = None, output: Output = "table",
 ) -> None:
     """Labels, what they provide and how many servers carry them."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        rows = engine.get_labels(_filter(label, group, environment, region, exclude))
-    emit(rows, fmt, lambda rs, out: table(
-        ["LABEL", "PUPPET CLASSES", "SECRETS", "PORTS", "SIZE", "SERVERS"],
-        [[r["name"], ", ".join(r["puppet_classes"]) or "—", ", ".join(r["secrets"]) or "—", ",".join(map(str, r["ports"])) or "—", r["size"] or "—", r["servers"]] for r in rs],
-        out,
-    ))
+    flt = _filter(label, group, environment, region, exclude)
+    _query(definitions, output, lambda e: e.get_labels(flt), views.labels_table)
 
 
 @get_app.command("groups")
@@ -223,14 +199,8 @@ def get_groups(
     exclude: ExcludeOpt = None, definitions: Definitions = None, output: Output = "table",
 ) -> None:
     """Groups with their members, subgroups and exclusions."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        rows = engine.get_groups(_filter(label, group, environment, region, exclude))
-    emit(rows, fmt, lambda rs, out: table(
-        ["GROUP", "SERVERS", "EXCLUDED", "SUBGROUPS", "MATCH"],
-        [[r["name"], r["servers"], r["excluded"], ", ".join(r["subgroups"]) or "—", r["match"] or ("servers: " + ", ".join(r["explicit_servers"]) if r["explicit_servers"] else "—")] for r in rs],
-        out,
-    ))
+    flt = _filter(label, group, environment, region, exclude)
+    _query(definitions, output, lambda e: e.get_groups(flt), views.groups_table)
 
 
 @get_app.command("alerts")
@@ -239,14 +209,8 @@ def get_alerts(
     exclude: ExcludeOpt = None, definitions: Definitions = None, output: Output = "table",
 ) -> None:
     """User-defined alerts, their targets and how many servers they apply to."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        rows = engine.get_alerts(_filter(label, group, environment, region, exclude))
-    emit(rows, fmt, lambda rs, out: table(
-        ["ALERT", "SEVERITY", "TARGET", "CONDITION", "FOR", "SERVERS"],
-        [[r["name"], r["severity"], r["target"] + ("; excluding " + ", ".join(r["excludes"]) if r["excludes"] else ""), r["condition"], r["for"] or "—", r["servers"]] for r in rs],
-        out,
-    ))
+    flt = _filter(label, group, environment, region, exclude)
+    _query(definitions, output, lambda e: e.get_alerts(flt), views.alerts_table)
 
 
 @get_app.command("secrets")
@@ -255,240 +219,44 @@ def get_secrets(
     exclude: ExcludeOpt = None, definitions: Definitions = None, output: Output = "table",
 ) -> None:
     """Secret definitions and who may read them (metadata only, never values)."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        rows = engine.get_secrets(_filter(label, group, environment, region, exclude))
-
-    def used_by(r: dict[str, Any]) -> str:
-        if not r["used_by"]:
-            return "— (not referenced)"
-        return ", ".join(f"{u['label']} ({u['servers']} srv)" for u in r["used_by"])
-
-    emit(rows, fmt, lambda rs, out: table(
-        ["SECRET", "TYPE", "USED BY", "ROTATE", "PER-MACHINE"],
-        [[r["path"], r["type"], used_by(r), r["rotate_every"] or "—", "yes" if r["per_machine"] else "no"] for r in rs],
-        out,
-    ))
-
-
-# -- show / targets ----------------------------------------------------------------------------
-
-
-def _by_source(items: list[dict[str, Any]], key: str = "name") -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for i in items:
-        grouped[i["source"]].append(i)
-    return grouped
-
-
-def _source_heading(source: str) -> str:
-    kind, _, name = source.partition(":")
-    if kind == "auto":
-        return "AUTO-GENERATED"
-    return f"FROM {kind.upper()} {name}"
-
-
-def _auto_note(source: str) -> str:
-    reason = source.split(":", 1)[1]
-    kind, _, detail = reason.partition(":")
-    return f"(from {kind}: {detail})" if detail else f"(from {kind})"
-
-
-def _human_server(v: dict[str, Any], out: TextIO) -> None:
-    where = ", ".join(x for x in (v["provider"], v["region"]) if x)
-    out.write(f"Server: {v['name']} ({where})\n")
-    out.write(f"Labels:   [{', '.join(v['labels'])}]\n")
-    out.write(f"Groups:   [{', '.join(v['groups'])}]\n")
-    out.write(f"Environment: {v['environment'] or '—'}\n")
-    if v["size"]:
-        detail = f" ({v['size_detail']})" if v["size_detail"] else ""
-        out.write(f"Size:     {v['size']}{detail}\n")
-    if v["undefined_labels"]:
-        out.write(f"⚠ Undefined labels (they give nothing): {', '.join(v['undefined_labels'])}\n")
-    for title, items, key in (("Puppet Classes", v["puppet_classes"], "name"), ("Alerts", v["alerts"], "name"), ("Secrets", v["secrets"], "path")):
-        out.write(f"\n{title} ({len(items)}):\n")
-        groups = _by_source(items, key)
-        auto = [i for s, lst in groups.items() if s.startswith("auto:") for i in lst]
-        for source, lst in groups.items():
-            if source.startswith("auto:"):
-                continue
-            out.write(f"  {_source_heading(source)}:\n")
-            tree([f"{i[key]}" + (f" ({i['type']})" if i.get("type") else "") for i in lst], out, "    ")
-        if auto:
-            out.write("  AUTO-GENERATED:\n")
-            tree([f"{i[key]} {_auto_note(i['source'])}" for i in auto], out, "    ")
-    if v["excluded_from"]:
-        out.write("\nExcluded From:\n")
-        tree([f"{e['kind']} \"{e['name']}\" ({e['reason']})" if "explicitly" not in e["reason"] and e["reason"] != "by name" else f"{e['kind']} \"{e['name']}\" (explicitly excluded{': by name' if e['reason'] == 'by name' else ''})" for e in v["excluded_from"]], out)
+    flt = _filter(label, group, environment, region, exclude)
+    _query(definitions, output, lambda e: e.get_secrets(flt), views.secrets_table)
 
 
 @show_app.command("server")
 def show_server(name: str, definitions: Definitions = None, output: Output = "table") -> None:
-    """What a server gets, and from where."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        view = engine.show_server(name)
-    emit(view, fmt, _human_server)
-
-
-def _server_line(s: dict[str, Any]) -> tuple[str, str]:
-    meta = ", ".join(x for x in (s["provider"], s["environment"]) if x)
-    pillars = "  ".join(pillar(s[p]) for p in ("sync", "puppet", "health", "identity"))
-    return f"{s['name']} ({meta})", pillars
+    """What a server gets, from where, and how it is doing."""
+    _query(definitions, output, lambda e: e.show_server(name), views.server)
 
 
 @show_app.command("label")
 def show_label(name: str, definitions: Definitions = None, output: Output = "table") -> None:
     """Where a label applies and what it provides."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        view = engine.show_label(name)
-
-    def human(v: dict[str, Any], out: TextIO) -> None:
-        out.write(f"Label: {v['name']}\n")
-        if v["description"]:
-            out.write(f"{v['description']}\n")
-        n = len(v["servers"])
-        out.write(f"Applied to: {n} server{'s' if n != 1 else ''}\n")
-        if v["servers"]:
-            out.write("\nServers:\n")
-            aligned([_server_line(s) for s in v["servers"]], out)
-        out.write("\nProvides:\n")
-        out.write(f"  Puppet Classes: {', '.join(v['puppet_classes']) or '—'}\n")
-        out.write(f"  Alerts: {', '.join(v['alerts']) or '—'}\n")
-        out.write(f"  Secrets: {', '.join(v['secrets']) or '—'}\n")
-        out.write(f"  Ports: {', '.join(map(str, v['ports'])) or '—'}\n")
-        out.write(f"  Size: {v['size'] or '—'}{' (' + v['size_detail'] + ')' if v['size_detail'] else ''}\n")
-        if v["groups_matching"]:
-            out.write(f"\nGroups matching this label: {', '.join(v['groups_matching'])}\n")
-
-    emit(view, fmt, human)
+    _query(definitions, output, lambda e: e.show_label(name), views.label)
 
 
 @show_app.command("group")
 def show_group(name: str, definitions: Definitions = None, output: Output = "table") -> None:
     """A group's subgroup tree, members and exclusions."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        view = engine.show_group(name)
-
-    def human(v: dict[str, Any], out: TextIO) -> None:
-        out.write(f"Group: {v['name']}\n")
-        subs, n, ex = len(v["subgroups"]), len(v["members"]), len(v["excluded"])
-        parts = [f"{subs} subgroup{'s' if subs != 1 else ''}"] if subs else []
-        parts.append(f"{n} server{'s' if n != 1 else ''}" + (f" ({ex} excluded)" if ex else ""))
-        out.write(f"Contains: {', '.join(parts)}\n")
-        if v["match"]:
-            out.write(f"Match: {v['match']}\n")
-        if v["parents"]:
-            out.write(f"Part of: {', '.join(v['parents'])}\n")
-        if v["subgroups"]:
-            out.write("\nSubgroups:\n")
-            aligned([(s["name"], f"({s['servers']} server{'s' if s['servers'] != 1 else ''})") for s in v["subgroups"]], out)
-        if v["members"]:
-            out.write("\nServers:\n")
-            aligned([_server_line(s) for s in v["members"]], out)
-        if v["explicit_servers"]:
-            out.write(f"\nListed by name: {', '.join(v['explicit_servers'])}\n")
-        if v["missing_servers"]:
-            out.write(f"⚠ Not in the inventory: {', '.join(v['missing_servers'])}\n")
-        if v["exclusion_rules"]:
-            out.write("\nExcluded:\n")
-            lines = []
-            for rule in v["exclusion_rules"]:
-                n = len(rule["servers"])
-                if rule["rule"].endswith("(by name)"):
-                    lines.append(rule["rule"] + ("" if n else " — not a member anyway"))
-                else:
-                    names = f": {', '.join(rule['servers'])}" if n else ""
-                    lines.append(f"{n} server{'s' if n != 1 else ''} {rule['rule']}{names}")
-            tree(lines, out)
-        if v["alerts"]:
-            out.write("\nAlerts targeting this group:\n")
-            tree([f"{a['name']} ({a['severity']})" for a in v["alerts"]], out)
-
-    emit(view, fmt, human)
+    _query(definitions, output, lambda e: e.show_group(name), views.group)
 
 
 @show_app.command("alert")
 def show_alert(name: str, definitions: Definitions = None, output: Output = "table") -> None:
-    """Where an alert applies."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        view = engine.show_alert(name)
-
-    def human(v: dict[str, Any], out: TextIO) -> None:
-        out.write(f"Alert: {v['name']}\n")
-        if v["kind"] == "defined":
-            out.write(f"Severity: {v['severity']}\nCondition: {v['condition']}\n")
-            if v["for"]:
-                out.write(f"For: {v['for']}\n")
-            out.write(f"Target: {v['target']}\nExcludes: {', '.join(v['excludes']) or 'none'}\n")
-        else:
-            out.write(f"Kind: {v['kind']}\n")
-        if v["labels"]:
-            out.write(f"Named by labels: {', '.join(v['labels'])}\n")
-        n = len(v["servers"])
-        out.write(f"\nApplies to {n} server{'s' if n != 1 else ''}:\n")
-        aligned([(f"{s['name']} ({s['provider']})", "" if s["source"] == "target" else f"via {s['source']}") for s in v["servers"]], out)
-        if v["excluded"]:
-            out.write("\nExcluded:\n")
-            tree([f"{e['server']} ({e['reason']})" for e in v["excluded"]], out)
-
-    emit(view, fmt, human)
+    """Where an alert applies, its current value on each server, and where it is rendered."""
+    _query(definitions, output, lambda e: e.show_alert(name), views.alert)
 
 
 @show_app.command("secret")
 def show_secret(path: str, definitions: Definitions = None, output: Output = "table") -> None:
     """A secret's definition and who may read it (never its value)."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        view = engine.show_secret(path)
-
-    def human(v: dict[str, Any], out: TextIO) -> None:
-        out.write(f"Secret: {v['path']}\nType: {v['type']}" + (f" (generator: {v['generator']})" if v["generator"] else "") + "\n")
-        if v["rotate_every"]:
-            out.write(f"Rotate every: {v['rotate_every']}\n")
-        if v["per_machine"]:
-            out.write("Per machine: each server gets its own value\n")
-        out.write(f"Delivered as: owner {v['owner']}, group {v['group']}, mode {v['mode']}\n")
-        out.write("\nAccessible by (derived from definitions):\n")
-        if not v["accessible_by"]:
-            out.write("  nothing references it — orphaned?\n")
-        for a in v["accessible_by"]:
-            out.write(f'  Label "{a["label"]}"\n')
-            tree([f"{s['name']} ({s['provider']})" for s in a["servers"]] or ["(no servers carry it yet)"], out, "    ")
-
-    emit(view, fmt, human)
+    _query(definitions, output, lambda e: e.show_secret(path), views.secret)
 
 
 @targets_app.command("server")
 def targets_server(name: str, definitions: Definitions = None, output: Output = "table") -> None:
     """Everything targeting a server, each with where it comes from."""
-    fmt = _format(output)
-    with _engine(definitions) as engine:
-        view = engine.targets_server(name)
-
-    def human(v: dict[str, Any], out: TextIO) -> None:
-        out.write(f"Everything targeting {v['name']}:\n")
-        out.write(f"  Labels:     [{', '.join(v['labels'])}]\n")
-        out.write(f"  Groups:     [{', '.join(v['groups'])}]\n")
-        out.write(f"  Environment: {v['environment'] or '—'}\n")
-        for title, items, key in (("Alerts", v["alerts"], "name"), ("Puppet Classes", v["puppet_classes"], "name"), ("Secrets", v["secrets"], "path")):
-            out.write(f"\n  {title} ({len(items)}):\n")
-            aligned([(i[key], _from(i["source"])) for i in items], out, "    ")
-        if v["excluded_from"]:
-            out.write("\n  Excluded from:\n")
-            aligned([(f"{e['kind']} {e['name']}", f"({e['reason']})") for e in v["excluded_from"]], out, "    ")
-
-    emit(view, fmt, human)
-
-
-def _from(source: str) -> str:
-    kind, _, name = source.partition(":")
-    if kind == "auto":
-        return f"(auto-generated: {name})"
-    return f"(from {kind}: {name})"
+    _query(definitions, output, lambda e: e.targets_server(name), views.targets)
 
 
 # -- command modules -------------------------------------------------------------------------
