@@ -10,6 +10,7 @@ case "${1:-test}" in
       bind9 bind9-dnsutils                                  # DNS: named, tsig-keygen, dig
       prometheus nagios4-core monitoring-plugins-basic      # alerts: promtool, prometheus, nagios4 -v
       tmux                                                  # lab dash end-to-end
+      age git                                               # secret backups: stock age decrypts, Git history
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac
