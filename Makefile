@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 system-deps:
 	tools/system-deps.sh test
 
+TOOLS  ?= $(HOME)/.cache/lab-test-tools
+TOOL_ENV = $(if $(wildcard $(TOOLS)/bin/sushy-emulator),SUSHY_EMULATOR=$(TOOLS)/bin/sushy-emulator) \
+           $(if $(wildcard $(TOOLS)/bin/ksvalidator),KSVALIDATOR=$(TOOLS)/bin/ksvalidator)
+
 test: $(VENV)/.installed system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TOOL_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" tools/demo.sh

@@ -11,6 +11,9 @@ case "${1:-test}" in
       prometheus nagios4-core monitoring-plugins-basic      # alerts: promtool, prometheus, nagios4 -v
       tmux                                                  # lab dash end-to-end
       age git                                               # secret backups: stock age decrypts, Git history
+      iproute2 busybox tftp-hpa                             # PXE: netns hosts, udhcpc, tftp client
+      qemu-system-x86 ipxe-qemu ipxe ovmf                   # PXE: real BIOS/UEFI network boot
+      ipmitool openipmi debconf                             # power: ipmi_sim BMC; preseed check
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac
@@ -29,6 +32,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ "${1:-test}" = test ]; then
+  # Test-only Python tools with dependency trees of their own (Redfish emulator, kickstart
+  # validator), in a separate virtual environment; the Makefile points the tests at them.
+  tools_dir="${LAB_TEST_TOOLS:-$HOME/.cache/lab-test-tools}"
+  if [ ! -x "$tools_dir/bin/sushy-emulator" ] || [ ! -x "$tools_dir/bin/ksvalidator" ]; then
+    python3 -m venv "$tools_dir"
+    "$tools_dir/bin/pip" install --quiet sushy-tools pykickstart
+  fi
+
   # An independent Noise implementation in another language (npm `noise-protocol`, libsodium),
   # kept outside the repository; tests/integration/test_noise_interop_node.py finds it there.
   node_dir="${LAB_NODE_PEER_DIR:-$HOME/.cache/lab-node}"

@@ -262,6 +262,7 @@ def targets_server(name: str, definitions: Definitions = None, output: Output = 
 # -- command modules -------------------------------------------------------------------------
 # Larger command families live in their own modules and register on `app` (or its sub-apps)
 # when imported here, one line each.
+from lab.coordinator.cli import pxe_cmd  # noqa: E402,F401  lab image …, lab pxe …
 from lab.coordinator.cli import secret_cmd  # noqa: E402,F401  (lab secret ...)
 from lab.coordinator.cli import dash_cmd  # noqa: E402,F401  `lab dash`
 from lab.coordinator.cli import alerts_cmd  # noqa: E402,F401  `lab render/diff alerts`, health in show
