@@ -62,6 +62,66 @@ def facts(
     emit(result, fmt, human)
 
 
+# -- daemon and cache (agent/daemon.py, agent/cache.py) ----------------------------------------
+
+HomeOpt = Annotated[str | None, typer.Option("--home", help="Agent home (default: $LAB_HOME, then /var/lib/lab).", show_default=False)]
+RuntimeOpt = Annotated[str | None, typer.Option("--runtime-dir", help="Socket directory (default: $LAB_RUNTIME_DIR, then /run/lab).", show_default=False)]
+SecretsOpt = Annotated[str | None, typer.Option("--secrets-dir", help="Secret files (default: $LAB_SECRETS_DIR, then /run/secrets).", show_default=False)]
+
+
+@app.command("run")
+def run_daemon(
+    home: HomeOpt = None,
+    runtime_dir: RuntimeOpt = None,
+    secrets_dir: SecretsOpt = None,
+    key_protection: Annotated[str, typer.Option("--key-protection", help="New cache key: auto, tpm or file.")] = "auto",
+) -> None:
+    """Run the agent: serve secrets from the local cache on agent.sock and /run/secrets."""
+    from lab.agent.daemon import AgentConfig, main
+
+    main(AgentConfig.resolve(home, runtime_dir, secrets_dir, key_protection=key_protection))
+
+
+cache_app = typer.Typer(rich_markup_mode=None, help="The local secret cache (admin and debugging).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("import")
+def cache_import(
+    source: Annotated[str, typer.Option("--from", help="YAML file: {secrets: [{path, value, owner, group, mode, ttl, ...}]}.")],
+    home: HomeOpt = None,
+    runtime_dir: RuntimeOpt = None,
+) -> None:
+    """Seed the cache from a YAML file (root only; a test and bootstrap aid, not the normal path)."""
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from lab.agent import localclient
+    from lab.agent.cache import SecretCache, records_from_import
+    from lab.agent.daemon import AgentConfig
+    from lab.common.errors import AuthError, ConfigError
+
+    if os.geteuid() != 0:
+        raise AuthError("cache import needs root")
+    cfg = AgentConfig.resolve(home, runtime_dir)
+    try:
+        doc = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=source) from exc
+    records = records_from_import(doc, time.time(), base_dir=Path(source).parent)
+    with SecretCache.open(cfg.home) as cache:
+        for rec in records:
+            cache.put(rec)
+    try:
+        localclient.call({"t": "agent.reload"}, str(cfg.socket_path))
+        note = "agent reloaded"
+    except localclient.AgentError:
+        note = "agent not running; it delivers them when it starts"
+    print(f"imported {len(records)} secrets into {cfg.home / 'cache'} ({note})")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; a LabError becomes one line on stderr and a non-zero status.
     With ``argv`` given (tests), the status is returned instead of exiting."""

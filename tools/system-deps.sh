@@ -14,6 +14,7 @@ case "${1:-test}" in
       iproute2 busybox tftp-hpa                             # PXE: netns hosts, udhcpc, tftp client
       qemu-system-x86 ipxe-qemu ipxe ovmf                   # PXE: real BIOS/UEFI network boot
       ipmitool openipmi debconf                             # power: ipmi_sim BMC; preseed check
+      swtpm swtpm-tools tpm2-tools systemd                  # agent: TPM-sealed cache key, unit verify
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac

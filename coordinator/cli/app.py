@@ -264,6 +264,7 @@ def targets_server(name: str, definitions: Definitions = None, output: Output = 
 # when imported here, one line each.
 from lab.coordinator.cli import pxe_cmd  # noqa: E402,F401  lab image …, lab pxe …
 from lab.coordinator.cli import secret_cmd  # noqa: E402,F401  (lab secret ...)
+from lab.coordinator.cli import agent_secret_cmd  # noqa: E402,F401  lab secret get/exec/cache/status (agent socket)
 from lab.coordinator.cli import dash_cmd  # noqa: E402,F401  `lab dash`
 from lab.coordinator.cli import alerts_cmd  # noqa: E402,F401  `lab render/diff alerts`, health in show
 
