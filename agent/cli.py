@@ -62,6 +62,46 @@ def facts(
     emit(result, fmt, human)
 
 
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option("--server", help="The coordinator, HOST:PORT (default port 7443).")],
+    token: Annotated[str | None, typer.Option("--token", help="The join token (visible to other users in the process list: prefer --token-file).")] = None,
+    token_file: Annotated[str | None, typer.Option("--token-file", help="File holding the join token; removed after use. Default /etc/lab/join-token.")] = None,
+    home: Annotated[str | None, typer.Option("--home", help="Agent home (default: $LAB_HOME, then /var/lib/lab).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Refuse unless the token is for this server.")] = None,
+    output: Output = "table",
+) -> None:
+    """Join the cluster with a one-time token: get a certificate, the CA key and store endpoints."""
+    import trio
+
+    from lab.agent.enroll import DEFAULT_TOKEN_FILE, agent_home, enroll as do_enroll, read_token_file
+    from lab.common.errors import UsageError
+    from lab.common.rpc import parse_endpoint
+
+    fmt = _format(output)
+    host, port = parse_endpoint(server, 7443)
+    if token is not None and token_file is not None:
+        raise UsageError("give --token or --token-file, not both")
+    if token is not None:
+        print("lab-agent: warning: --token is visible to other users of this host (ps, /proc); prefer --token-file", file=sys.stderr)
+        text, path = token, None
+    else:
+        path = token_file or DEFAULT_TOKEN_FILE
+        text = read_token_file(path)
+    result = trio.run(lambda: do_enroll(host, port, text, agent_home(home), name=name))
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            print(f"lab-agent: warning: could not remove the used token file {path}: {exc.strerror}", file=sys.stderr)
+
+    def human(r: dict[str, Any], out: TextIO) -> None:
+        out.write(f"✓ enrolled as {r['node']} with {r['coordinator']} (labels: {','.join(r['labels']) or 'none'})\n")
+        out.write(f"✓ identity in {r['home']}; stores: {', '.join(r['stores']) or 'none yet'}\n")
+
+    emit(result.to_dict(), fmt, human)
+
+
 # -- daemon and cache (agent/daemon.py, agent/cache.py) ----------------------------------------
 
 HomeOpt = Annotated[str | None, typer.Option("--home", help="Agent home (default: $LAB_HOME, then /var/lib/lab).", show_default=False)]

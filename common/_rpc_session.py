@@ -19,6 +19,22 @@ Imports neither trio nor ``socket``. One :class:`SecureSession` per connection, 
     <- transport: rpc.ready       the responder accepted the initiator's certificate
        (or rpc.error code "auth-failed" and a close)
 
+**Enrollment mode** (a node that has no certificate yet; see docs/ENROLLMENT.md). The initiator
+is an :class:`Enrollee` (node key + the CA fingerprint from its join token) and the responder
+was built with ``allow_enroll=True``::
+
+    -> e
+    <- e, ee, s, es               payload: responder's certificate (decoded, not yet verifiable)
+    -> s, se                      payload: rpc.enroll_hello (no certificate)
+    <- transport: rpc.enroll_ready {ca_public_key}
+
+The initiator accepts rpc.enroll_ready only if ``fingerprint(ca_public_key)`` equals the pinned
+fingerprint, the responder's certificate verifies against that key with the handshake's remote
+static key, and it carries the ``coordinator`` role; otherwise :class:`FingerprintMismatch` /
+:class:`AuthError`. Only then is anything secret (the token) sent, in an ``enroll`` request.
+The responder sees :class:`EnrolleeConnected` with an :class:`EnrollingPeer` (its handshake
+static key, no certificate); servers route such sessions to the ``enroll`` method only.
+
 The initiator sends nothing after message 3 until it has read rpc.ready, so until a session is
 OPEN no frame may be longer than the largest handshake message (about 4 KiB): a peer that has not
 authenticated cannot make us buffer more than that.
@@ -47,16 +63,29 @@ from typing import Annotated, Final
 
 from lab.common import noise, wire
 from lab.common.errors import AuthError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from lab.common.identity import MAX_CERT_SIZE, Certificate, NodeKey, RevocationList, fingerprint, verify_certificate
+from lab.common.identity import (
+    FINGERPRINT_LEN,
+    KEY_LEN,
+    MAX_CERT_SIZE,
+    Certificate,
+    NodeKey,
+    RevocationList,
+    fingerprint,
+    matches_fingerprint,
+    verify_certificate,
+)
 
 __all__ = [
-    "NEED_DATA", "PROLOGUE", "PROTOCOL_NAME",
-    "ConnectionClosed", "Identity", "PeerAuthenticated", "PeerInfo", "Ready", "SecureSession", "SessionState",
+    "ENROLL_METHOD", "NEED_DATA", "PROLOGUE", "PROTOCOL_NAME",
+    "ConnectionClosed", "EnrollHello", "EnrollReady", "Enrollee", "EnrolleeConnected", "EnrollingPeer",
+    "FingerprintMismatch", "Identity", "PeerAuthenticated", "PeerInfo", "Ready", "SecureSession", "SessionState",
 ]
 
 PROTOCOL_NAME: Final = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
 PROLOGUE: Final = b"lab-rpc/1"
 AUTH_FAILED: Final = "auth-failed"
+ENROLL_METHOD: Final = "enroll"  # the only method a session without a certificate may call
+ENROLL_ROLE: Final = "coordinator"  # the role an enrollee demands of the responder
 
 _LEN = struct.Struct(">H")
 _MSG1_LEN: Final = noise.DHLEN  # e, empty plaintext payload
@@ -70,6 +99,27 @@ class Ready(wire.Message):
     """First transport message of the responder: the initiator's certificate was accepted."""
 
     v: Annotated[int, wire.Int(1, 1)]
+
+
+@wire.message("rpc.enroll_hello")
+@dataclasses.dataclass(frozen=True)
+class EnrollHello(wire.Message):
+    """Handshake payload of an enrollee's message 3, in place of a certificate."""
+
+    v: Annotated[int, wire.Int(1, 1)]
+
+
+@wire.message("rpc.enroll_ready")
+@dataclasses.dataclass(frozen=True)
+class EnrollReady(wire.Message):
+    """The responder's first transport message to an enrollee: the CA key to check the pin with."""
+
+    v: Annotated[int, wire.Int(1, 1)]
+    ca_public_key: Annotated[bytes, wire.Bytes(min_len=KEY_LEN, max_len=KEY_LEN)]
+
+
+class FingerprintMismatch(AuthError):
+    """The responder's CA is not the one the enrollee's join token pins."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +166,44 @@ class Identity:
 
 
 @dataclasses.dataclass(frozen=True)
+class Enrollee:
+    """A node without a certificate, enrolling: its key and the CA fingerprint its token pins.
+
+    Usable only by an initiator, and only against a responder that offers enrollment.
+    """
+
+    key: NodeKey
+    ca_fingerprint: str
+    _static: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ca_fingerprint, str) or len(self.ca_fingerprint) != FINGERPRINT_LEN:
+            raise LocalProtocolError(f"Enrollee: the CA fingerprint must be {FINGERPRINT_LEN} characters")
+        object.__setattr__(self, "_static", self.key.private_bytes())
+
+    def __repr__(self) -> str:
+        return f"<Enrollee key={self.key.fingerprint} pin={self.ca_fingerprint}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollingPeer:
+    """The unauthenticated peer of an enrollment session: only its handshake static key is known
+    (the handshake proved it holds the private half). It may call :data:`ENROLL_METHOD` only."""
+
+    noise_pub: bytes = dataclasses.field(repr=False)
+    handshake_hash: bytes = dataclasses.field(repr=False)
+    address: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.noise_pub)
+
+    @property
+    def name(self) -> str:
+        return f"enrolling:{self.fingerprint[:16]}"
+
+
+@dataclasses.dataclass(frozen=True)
 class PeerInfo:
     """The authenticated peer of a session."""
 
@@ -148,6 +236,13 @@ class PeerAuthenticated:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnrolleeConnected:
+    """Event (responder): a node without a certificate completed an enrollment handshake."""
+
+    peer: EnrollingPeer
+
+
+@dataclasses.dataclass(frozen=True)
 class ConnectionClosed:
     """Event: the peer closed its side cleanly, between messages."""
 
@@ -159,7 +254,7 @@ class _NeedData:
 
 NEED_DATA: Final = _NeedData()
 
-Event = PeerAuthenticated | ConnectionClosed | wire.Message | _NeedData
+Event = PeerAuthenticated | EnrolleeConnected | ConnectionClosed | wire.Message | _NeedData
 
 # ---------------------------------------------------------------------------------------------
 # State machine
@@ -197,14 +292,23 @@ class SecureSession:
 
     def __init__(
         self,
-        identity: Identity,
+        identity: Identity | Enrollee,
         *,
         initiator: bool,
         now: float,
         expected_name: str | None = None,
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
+        allow_enroll: bool = False,
     ) -> None:
+        if isinstance(identity, Enrollee) and not initiator:
+            raise LocalProtocolError("an Enrollee (no certificate) can only initiate a session")
         self.identity = identity
+        self.allow_enroll = bool(allow_enroll) and not initiator
+        # Enrollment: the responder's certificate, held until rpc.enroll_ready brings the CA key.
+        self._pending_cert: Certificate | None = None
+        self.ca_public_key: bytes | None = None if isinstance(identity, Enrollee) else identity.ca_public_key
+        self.remote_static: bytes | None = None
+        self._handshake_hash = b""
         self.initiator = bool(initiator)
         self.now = now
         self.expected_name = expected_name
@@ -333,6 +437,7 @@ class SecureSession:
         hs = self._hs
         assert hs is not None and hs.remote_static is not None
         idt = self.identity
+        assert isinstance(idt, Identity)
         try:
             cert = verify_certificate(payload, idt.ca_public_key, self.now, idt.current_revocations(), hs.remote_static)
         except RemoteProtocolError as exc:  # undecodable: refused like any other bad certificate
@@ -343,6 +448,8 @@ class SecureSession:
 
     def _split(self, cert: Certificate | None) -> None:
         assert self._hs is not None
+        self.remote_static = self._hs.remote_static
+        self._handshake_hash = self._hs.handshake_hash
         if cert is not None:
             self.peer = PeerInfo(certificate=cert, handshake_hash=self._hs.handshake_hash)
         self._send_cipher, self._recv_cipher = self._hs.split()
@@ -357,6 +464,16 @@ class SecureSession:
             raise RemoteProtocolError("peer spoke before the handshake began")
         if len(frame) > _MAX_HANDSHAKE_LEN:
             raise RemoteProtocolError(f"handshake message of {len(frame)} bytes exceeds {_MAX_HANDSHAKE_LEN}")
+        if self.initiator and isinstance(self.identity, Enrollee):  # no CA key yet: check on enroll_ready
+            payload = hs.read_message(frame)
+            try:
+                self._pending_cert = Certificate.decode_untrusted(payload)
+            except RemoteProtocolError as exc:
+                raise AuthError(f"malformed certificate: {exc}") from exc
+            self._queue_frame(hs.write_message(wire.encode(EnrollHello(v=1))))
+            self._split(None)
+            self._transition("handshake message")
+            return None
         if self.initiator:  # <- e, ee, s, es + responder's certificate
             cert = self._verify_peer(hs.read_message(frame))
             self._queue_frame(hs.write_message(self.identity.certificate_bytes))
@@ -370,8 +487,10 @@ class SecureSession:
             self._queue_frame(hs.write_message(self.identity.certificate_bytes))
             self._transition("handshake message")
             return None
-        # -> s, se + initiator's certificate
+        # -> s, se + initiator's certificate (or rpc.enroll_hello)
         payload = hs.read_message(frame)
+        if _is_enroll_hello(payload):
+            return self._accept_enrollee()
         try:
             cert = self._verify_peer(payload)
         except AuthError as exc:
@@ -384,6 +503,36 @@ class SecureSession:
         self._out.append(self._encrypt_message(Ready(v=1)))
         return PeerAuthenticated(self.peer)
 
+    def _accept_enrollee(self) -> Event:
+        if not self.allow_enroll:
+            self._split(None)
+            exc = AuthError("this endpoint does not accept enrollment; present a certificate")
+            self._out.append(self._encrypt_message(wire.Error(code=AUTH_FAILED, message=str(exc))))
+            raise exc
+        self._split(None)
+        self._transition("handshake message")
+        assert self.remote_static is not None and isinstance(self.identity, Identity)
+        self._out.append(self._encrypt_message(EnrollReady(v=1, ca_public_key=self.identity.ca_public_key)))
+        return EnrolleeConnected(EnrollingPeer(noise_pub=self.remote_static, handshake_hash=self._handshake_hash))
+
+    def _confirm_enrollment(self, msg: EnrollReady) -> Event:
+        """Enrollee: pin the CA by the token's fingerprint, then verify the responder with it."""
+        idt = self.identity
+        assert isinstance(idt, Enrollee) and self._pending_cert is not None and self.remote_static is not None
+        if not matches_fingerprint(msg.ca_public_key, idt.ca_fingerprint):
+            raise FingerprintMismatch(
+                f"the peer's CA has fingerprint {fingerprint(msg.ca_public_key)}, the token pins {idt.ca_fingerprint}"
+            )
+        cert = verify_certificate(self._pending_cert, msg.ca_public_key, self.now, None, self.remote_static)
+        if ENROLL_ROLE not in cert.roles:
+            raise AuthError(f"peer {cert.name!r} is not a {ENROLL_ROLE} (roles: {', '.join(cert.roles) or 'none'})")
+        if self.expected_name is not None and cert.name != self.expected_name:
+            raise AuthError(f"peer certificate is for {cert.name!r}, expected {self.expected_name!r}")
+        self.ca_public_key = bytes(msg.ca_public_key)
+        self.peer = PeerInfo(certificate=cert, handshake_hash=self._handshake_hash)
+        self._transition("ready")
+        return PeerAuthenticated(self.peer)
+
     def _on_transport(self, frame: bytes) -> Event | None:
         assert self._recv_cipher is not None
         data = self._reassembler.feed(self._recv_cipher.decrypt(frame))
@@ -391,7 +540,10 @@ class SecureSession:
             return None
         msg = wire.decode_untrusted(data, max_size=self.max_message)
         if self._state is SessionState.CONFIRM:
-            if isinstance(msg, Ready):
+            enrolling = isinstance(self.identity, Enrollee)
+            if isinstance(msg, EnrollReady) and enrolling:
+                return self._confirm_enrollment(msg)
+            if isinstance(msg, Ready) and not enrolling:
                 self._transition("ready")
                 assert self.peer is not None
                 return PeerAuthenticated(self.peer)
@@ -399,7 +551,7 @@ class SecureSession:
                 if msg.code == AUTH_FAILED:
                     raise AuthError(f"peer refused our certificate: {msg.message}")
                 raise RemoteProtocolError(f"peer closed the handshake: {msg.code}: {msg.message}")
-            raise RemoteProtocolError(f"expected rpc.ready, got {msg.TAG}")
+            raise RemoteProtocolError(f"expected {'rpc.enroll_ready' if enrolling else 'rpc.ready'}, got {msg.TAG}")
         if not isinstance(msg, self._allowed):
             raise RemoteProtocolError(f"unexpected message {msg.TAG} from the {'responder' if self.initiator else 'initiator'}")
         return msg
@@ -411,6 +563,16 @@ class SecureSession:
         self._reassembler.eof()
         self._transition("eof")
         return ConnectionClosed()
+
+
+def _is_enroll_hello(payload: bytes) -> bool:
+    """A certificate is an msgpack array; an rpc.enroll_hello is a map (fixmap, 0x80-0x8f)."""
+    if not payload or not 0x80 <= payload[0] <= 0x8F:
+        return False
+    try:
+        return isinstance(wire.decode_untrusted(payload, max_size=MAX_CERT_SIZE), EnrollHello)
+    except ProtocolError:
+        return False
 
 
 def describe(exc: BaseException) -> str:

@@ -19,6 +19,13 @@ and is logged with its traceback. Client::
         async for item in conn.stream("store.subscribe", {}):
             ...
 
+**Enrollment**: a server given ``enroll_handler`` also accepts sessions from a node that has no
+certificate yet (the client passes an :class:`Enrollee` instead of an :class:`Identity`; see
+:mod:`lab.common._rpc_session`). Such a session may call :data:`ENROLL_METHOD` only, which goes
+to ``enroll_handler(peer: EnrollingPeer, request)``; anything else is refused with ``auth``.
+The enrollee has pinned the server's CA by fingerprint before it sends a request; afterwards
+``conn.session.ca_public_key`` holds the pinned CA key.
+
 Calls and streams are multiplexed on one connection by request id. A failed call raises
 :class:`RemoteError` (also an instance of NotFound / NotEntitled / AuthError / UsageError when
 the code says so); a lost connection raises :class:`TransportError`.
@@ -50,10 +57,15 @@ import trio
 from lab.common import wire
 from lab.common._rpc_session import (
     AUTH_FAILED,
+    ENROLL_METHOD,
     NEED_DATA,
     PROLOGUE,
     PROTOCOL_NAME,
     ConnectionClosed,
+    EnrolleeConnected,
+    Enrollee,
+    EnrollingPeer,
+    FingerprintMismatch,
     Identity,
     PeerAuthenticated,
     PeerInfo,
@@ -80,9 +92,9 @@ from lab.common.identity import CLOCK_SKEW, Certificate
 __all__ = [
     "DEFAULT_CALL_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_CONNECTIONS_PER_IP", "DEFAULT_MAX_IN_FLIGHT", "DEFAULT_MAX_MESSAGE",
-    "DEFAULT_SEND_TIMEOUT", "DEFAULT_STREAM_BUFFER", "PROLOGUE", "PROTOCOL_NAME",
-    "Connection", "Handler", "Identity", "PeerInfo", "RemoteError", "RemoteStream", "SecureSession", "Server",
-    "ServerLimits", "SessionState", "connect", "error_code", "open_connection", "serve",
+    "DEFAULT_SEND_TIMEOUT", "DEFAULT_STREAM_BUFFER", "ENROLL_METHOD", "PROLOGUE", "PROTOCOL_NAME",
+    "Connection", "Enrollee", "EnrollingPeer", "FingerprintMismatch", "Handler", "Identity", "PeerInfo", "RemoteError", "RemoteStream", "SecureSession", "Server",
+    "ServerLimits", "SessionState", "connect", "error_code", "parse_endpoint", "open_connection", "serve",
 ]
 
 log = logging.getLogger("lab.rpc")
@@ -121,6 +133,27 @@ class ServerLimits:
                 raise ConfigError(f"rpc limit {f.name} must be a positive number, got {value!r}")
         if self.max_message < 1 or self.max_message > 1 << 30:
             raise ConfigError(f"rpc limit max_message must be 1..{1 << 30}")
+
+
+def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` → (host, port); UsageError otherwise."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"invalid endpoint {text!r}: use HOST:PORT or [IPv6]:PORT")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise UsageError(f"invalid port in {text!r}") from None
+    if not host or not 0 < port < 65536:
+        raise UsageError(f"invalid endpoint {text!r}: use HOST:PORT")
+    return host, port
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +311,11 @@ class Server:
         limits: ServerLimits = ServerLimits(),
         *,
         clock: Callable[[], float] = time.time,
+        enroll_handler: Handler | None = None,
     ) -> None:
         self.identity = identity
         self.handler = handler
+        self.enroll_handler = enroll_handler
         self.limits = limits
         self.clock = clock
         self.connections = 0
@@ -346,10 +381,13 @@ async def serve(
     identity: Identity,
     handler: Handler,
     limits: ServerLimits = ServerLimits(),
+    enroll_handler: Handler | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``listen_host:port`` (port 0: any) and serve forever; ``started(actual_port)``."""
-    server = Server(identity, handler, limits)
+    """Listen on ``listen_host:port`` (port 0: any) and serve forever; ``started(actual_port)``.
+
+    With ``enroll_handler``, nodes without a certificate may connect to call ``enroll`` only."""
+    server = Server(identity, handler, limits, enroll_handler=enroll_handler)
     try:
         listeners = await trio.open_tcp_listeners(port, host=listen_host)
     except OSError as exc:
@@ -367,9 +405,12 @@ class _ServerConnection:
         self.limits = server.limits
         self.stream = stream
         self.label = label
-        self.session = SecureSession(server.identity, initiator=False, now=server.clock(), max_message=self.limits.max_message)
+        self.session = SecureSession(
+            server.identity, initiator=False, now=server.clock(), max_message=self.limits.max_message,
+            allow_enroll=server.enroll_handler is not None,
+        )
         self.sender = _Sender(stream, self.session, self.limits.send_timeout)
-        self.peer: PeerInfo | None = None
+        self.peer: PeerInfo | EnrollingPeer | None = None
         self.active: dict[int, trio.CancelScope] = {}
         self.slot_free = trio.Event()
         self.read_scope: trio.CancelScope | None = None
@@ -416,7 +457,7 @@ class _ServerConnection:
         data = await self.stream.receive_some(RECEIVE_SIZE)
         self.session.receive_data(data)
 
-    async def _handshake(self) -> PeerInfo:
+    async def _handshake(self) -> PeerInfo | EnrollingPeer:
         session = self.session
         while True:
             ev = session.next_event()
@@ -425,7 +466,7 @@ class _ServerConnection:
                 await self.sender.send_raw(out)
             if ev is NEED_DATA:
                 await self._receive()
-            elif isinstance(ev, PeerAuthenticated):
+            elif isinstance(ev, (PeerAuthenticated, EnrolleeConnected)):
                 return dataclasses.replace(ev.peer, address=self.label)
             else:  # pragma: no cover - the session yields nothing else before PeerAuthenticated
                 raise LocalProtocolError(f"unexpected event {ev!r} during the handshake")
@@ -460,7 +501,8 @@ class _ServerConnection:
                     return "idle timeout"
             elif isinstance(ev, wire.Request):
                 assert self.peer is not None
-                self.server.check_peer(self.peer.certificate)
+                if isinstance(self.peer, PeerInfo):
+                    self.server.check_peer(self.peer.certificate)
                 if ev.id in self.active:
                     raise RemoteProtocolError(f"request id {ev.id} is already in flight")
                 req_scope = trio.CancelScope()
@@ -506,8 +548,14 @@ class _ServerConnection:
 
     async def _dispatch(self, req: wire.Request) -> None:
         assert self.peer is not None
+        handler = self.server.handler
+        if isinstance(self.peer, EnrollingPeer):  # no certificate: the enroll method and nothing else
+            if req.method != ENROLL_METHOD or self.server.enroll_handler is None:
+                await self._send_error(req, AuthError(f"not enrolled: this session may only call {ENROLL_METHOD!r}"))
+                return
+            handler = self.server.enroll_handler
         try:
-            result = self.server.handler(self.peer, req)
+            result = handler(self.peer, req)
             if inspect.isawaitable(result):
                 result = await result
         except Exception as exc:
@@ -816,7 +864,7 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-ar
 async def open_connection(
     stream: trio.abc.Stream,
     *,
-    identity: Identity,
+    identity: Identity | Enrollee,
     expected_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     max_message: int = DEFAULT_MAX_MESSAGE,
@@ -863,7 +911,7 @@ async def connect(
     host: str,
     port: int,
     *,
-    identity: Identity,
+    identity: Identity | Enrollee,
     expected_name: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     max_message: int = DEFAULT_MAX_MESSAGE,

@@ -144,7 +144,11 @@ class Engine(AlertsMixin):
             warnings = list(state.warnings)
         finally:
             state.close()
+        from lab.coordinator.enrollment import ensure_cluster_identity  # CA, coordinator and admin identities
+
+        cluster = ensure_cluster_identity(paths.home)
         return {
+            "ca_fingerprint": cluster.ca_fingerprint,
             "home": str(paths.home),
             "state": str(paths.home / "state.db"),
             "definitions": str(paths.definitions),

@@ -89,9 +89,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail  TEXT                                  -- JSON object, never secret values
         )""",
     ),
+    (  # enrollment: one-time join tokens (only a hash of the secret; see coordinator/tokens.py)
+        """CREATE TABLE tokens (
+            id             INTEGER PRIMARY KEY,
+            name           TEXT NOT NULL,              -- the server this token enrolls
+            secret_hash    BLOB NOT NULL UNIQUE,       -- BLAKE2b-256 of the secret, never the secret
+            ca_fingerprint TEXT NOT NULL,
+            labels         TEXT NOT NULL DEFAULT '[]', -- JSON array
+            environment    TEXT,
+            region         TEXT,
+            created_at     REAL NOT NULL,
+            expires_at     REAL NOT NULL,
+            used_at        REAL,
+            used_by        TEXT,                       -- fingerprint of the key that enrolled
+            revoked_at     REAL
+        )""",
+        "CREATE INDEX tokens_name ON tokens (name)",
+        "ALTER TABLE servers ADD COLUMN endpoints TEXT",  # JSON {role: "host:port"} the node serves
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-_REQUIRED_TABLES = frozenset({"servers", "audit"})
+_REQUIRED_TABLES = frozenset({"servers", "audit", "tokens"})
 
 _DNS_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _SERVER_NAME_RE = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
@@ -163,6 +181,31 @@ class AuditEntry:
     action: str
     subject: str
     detail: Any = dataclasses.field(default=None, hash=False)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One join-token record (no secret and no hash: only metadata)."""
+
+    id: int
+    name: str
+    ca_fingerprint: str
+    labels: tuple[str, ...]
+    environment: str | None
+    region: str | None
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    used_by: str | None = None
+    revoked_at: float | None = None
+
+    def status(self, now: float) -> str:
+        """used, revoked, expired or valid."""
+        if self.used_at is not None:
+            return "used"
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at <= now else "valid"
 
 
 class _Damaged(Exception):
@@ -877,6 +920,91 @@ class StateDB:
         with self.transaction(), self._sql(f"removing server {name!r}") as conn:
             if conn.execute("DELETE FROM servers WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no server named {name!r}")
+
+    # -- join tokens (enrollment) ------------------------------------------------------------
+
+    def add_token(
+        self, name: str, secret_hash: bytes, ca_fingerprint: str, labels: Iterable[str], expires_at: float,
+        *, environment: str | None = None, region: str | None = None,
+    ) -> Token:
+        """Record a new token (hash only). Minting and TTLs: :mod:`lab.coordinator.tokens`."""
+        validate_server_name(name)
+        labels_json = json.dumps(list(_validate_labels(labels)), separators=(",", ":"))
+        if not isinstance(secret_hash, (bytes, bytearray)) or len(secret_hash) != 32:
+            raise UsageError("token hash must be 32 bytes")
+        now = self._now()
+        with self.transaction(), self._sql(f"adding a token for {name!r}") as conn:
+            cur = conn.execute(
+                "INSERT INTO tokens (name, secret_hash, ca_fingerprint, labels, environment, region, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, bytes(secret_hash), _check_text("ca_fingerprint", ca_fingerprint, required=True), labels_json,
+                 _check_text("environment", environment), _check_text("region", region), now, float(expires_at)),
+            )  # fmt: skip
+            return self._token_where("id = ?", (cur.lastrowid,))[0]
+
+    _TOKEN_COLUMNS = "id, name, ca_fingerprint, labels, environment, region, created_at, expires_at, used_at, used_by, revoked_at"
+
+    def _token_where(self, where: str, params: tuple[Any, ...]) -> list[Token]:
+        with self._sql("reading tokens") as conn:
+            rows = conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE {where} ORDER BY id", params).fetchall()
+        try:
+            return [Token(i, n, f, tuple(json.loads(lb)), e, r, c, x, u, ub, rv) for i, n, f, lb, e, r, c, x, u, ub, rv in rows]
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"{self.path}: a token record is unreadable ({exc})") from exc
+
+    def consume_token(self, secret_hash: bytes, used_by: str, *, now: float | None = None) -> Token | None:
+        """Mark the token with this hash used, atomically: of any number of concurrent callers
+        (threads, processes) exactly one gets the Token; the others, and any call for a token
+        that is unknown, used, revoked or expired at ``now``, get None (see :meth:`find_token`)."""
+        at = self._now() if now is None else float(now)
+        with self.transaction(), self._sql("consuming a token") as conn:
+            cur = conn.execute(
+                "UPDATE tokens SET used_at = ?, used_by = ? "
+                "WHERE secret_hash = ? AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ?",
+                (at, used_by, bytes(secret_hash), at),
+            )
+            if cur.rowcount != 1:
+                return None
+            return self._token_where("secret_hash = ?", (bytes(secret_hash),))[0]
+
+    def find_token(self, secret_hash: bytes) -> Token | None:
+        """The token with this hash, whatever its state (to say why it was refused)."""
+        found = self._token_where("secret_hash = ?", (bytes(secret_hash),))
+        return found[0] if found else None
+
+    def list_tokens(self) -> list[Token]:
+        """Every token record, oldest first (hashes are never returned)."""
+        return self._token_where("1 = 1", ())
+
+    def revoke_tokens(self, name: str, *, now: float | None = None) -> int:
+        """Revoke every unused, unrevoked token for server ``name``; returns how many."""
+        at = self._now() if now is None else float(now)
+        with self.transaction(), self._sql(f"revoking tokens of {name!r}") as conn:
+            cur = conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE name = ? AND used_at IS NULL AND revoked_at IS NULL", (at, name)
+            )
+            return cur.rowcount
+
+    def set_endpoints(self, name: str, endpoints: Mapping[str, str]) -> None:
+        """Record the services a node offers, ``{"store": "host:port"}`` (reported at enrollment/check-in)."""
+        text = _dumps("endpoints", dict(endpoints))
+        with self.transaction(), self._sql(f"updating endpoints of {name!r}") as conn:
+            if conn.execute("UPDATE servers SET endpoints = ? WHERE name = ?", (text, name)).rowcount == 0:
+                raise NotFound(f"no server named {name!r}")
+
+    def endpoints(self) -> dict[str, dict[str, str]]:
+        """``{server: {role: "host:port"}}`` for every server that reported endpoints."""
+        with self._sql("reading endpoints") as conn:
+            rows = conn.execute("SELECT name, endpoints FROM servers WHERE endpoints IS NOT NULL ORDER BY name").fetchall()
+        out: dict[str, dict[str, str]] = {}
+        for name, text in rows:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                out[name] = {str(k): str(v) for k, v in value.items()}
+        return out
 
     # -- audit log ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import typer  # noqa: E402
 from lab.common.errors import ConfigError, LabError
 from lab.coordinator.cli import render, views
 from lab.coordinator.cli.render import emit
-from lab.coordinator.engine import Engine, Paths, ServerFilter
+from lab.coordinator.engine import Engine, Paths, ServerFilter, _read_settings
 
 app = typer.Typer(
     name="lab",
@@ -54,9 +54,17 @@ def _format(fmt: str) -> str:
 
 
 @contextlib.contextmanager
-def _engine(definitions: str | None) -> Iterator[Engine]:
-    """The engine for one command; its warnings go to stderr, even when the command fails."""
-    engine = Engine.open(Paths.resolve(definitions))
+def _engine(definitions: str | None, *, local: bool = False) -> Iterator[Engine]:
+    """The engine for one command; its warnings go to stderr, even when the command fails.
+    When $LAB_HOME/config.yaml names a `server:` (`lab server connect`), the daemon's engine over
+    RPC (coordinator/client.py), unless ``local`` (commands that work on this home's state.db)."""
+    paths = Paths.resolve(definitions)
+    if not local and _read_settings(paths.home).get("server"):
+        from lab.coordinator.client import RemoteEngine
+
+        engine = RemoteEngine.open(paths)
+    else:
+        engine = Engine.open(paths)
     try:
         yield engine
     finally:
@@ -262,11 +270,12 @@ def targets_server(name: str, definitions: Definitions = None, output: Output = 
 # -- command modules -------------------------------------------------------------------------
 # Larger command families live in their own modules and register on `app` (or its sub-apps)
 # when imported here, one line each.
-from lab.coordinator.cli import pxe_cmd  # noqa: E402,F401  lab image …, lab pxe …
 from lab.coordinator.cli import secret_cmd  # noqa: E402,F401  (lab secret ...)
 from lab.coordinator.cli import agent_secret_cmd  # noqa: E402,F401  lab secret get/exec/cache/status (agent socket)
+from lab.coordinator.cli import pxe_cmd  # noqa: E402,F401  lab image …, lab pxe …
 from lab.coordinator.cli import dash_cmd  # noqa: E402,F401  `lab dash`
 from lab.coordinator.cli import alerts_cmd  # noqa: E402,F401  `lab render/diff alerts`, health in show
+from lab.coordinator.cli import server_cmd, token_cmd  # noqa: E402,F401  `lab server run|connect`, `lab token …`
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""`lab` against a coordinator daemon: :class:`RemoteEngine`, the Engine's methods over RPC.
+
+Chosen by the CLI when ``$LAB_HOME/config.yaml`` has ``server: HOST:PORT`` (written by
+``lab server connect``). It authenticates with ``admin.key`` + ``admin.cert`` (role ``admin``)
+and trusts the CA in ``ca.pub``; the daemon must present a certificate with the ``coordinator``
+role. Each call is one short connection (the CLI makes one or two calls per command).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import trio
+
+from lab.common import rpc
+from lab.common.errors import AuthError, ConfigError, UsageError
+from lab.coordinator.daemon import parse_endpoint
+from lab.coordinator.engine import Paths, ServerFilter, _read_settings
+from lab.coordinator.enrollment import load_identity
+
+__all__ = ["RemoteEngine"]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class RemoteEngine:
+    """Same method names and return values as :class:`~lab.coordinator.engine.Engine` (the subset
+    the daemon allows: ``lab get/show/targets`` and inventory writes)."""
+
+    def __init__(self, paths: Paths, host: str, port: int, identity: rpc.Identity, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.paths = paths
+        self.host, self.port = host, port
+        self.identity = identity
+        self.timeout = timeout
+        self._warnings: list[str] = []
+
+    @classmethod
+    def open(cls, paths: Paths) -> RemoteEngine:
+        server = _read_settings(paths.home).get("server")
+        if not isinstance(server, str):
+            raise ConfigError("`server:` must be HOST:PORT", str(paths.home / "config.yaml"))
+        host, port = parse_endpoint(server)
+        return cls(paths, host, port, load_identity(paths.home, "admin"))
+
+    def __getattr__(self, name: str) -> Any:
+        # Engine methods the daemon does not offer: one clear line instead of a traceback.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise UsageError(
+            f"this command is not available through the coordinator daemon ({name}); run it on the "
+            "coordinator host, or `lab server disconnect` to work on this home's state"
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._warnings)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _acall(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with rpc.connect(self.host, self.port, identity=self.identity, timeout=self.timeout) as conn:
+            if "coordinator" not in conn.peer.roles:
+                raise AuthError(f"{self.host}:{self.port} is {conn.peer.name!r}, not a coordinator")
+            return await conn.call(method, body, timeout=self.timeout)
+
+    def call(self, name: str, body: dict[str, Any]) -> Any:
+        reply = trio.run(self._acall, f"engine.{name}", body)
+        self._warnings.extend(str(w) for w in reply.get("warnings") or [])
+        return reply.get("result")
+
+    # -- the Engine's surface ---------------------------------------------------------------------
+
+    @staticmethod
+    def _filter(flt: ServerFilter) -> dict[str, Any]:
+        return {k: list(v) for k, v in dataclasses.asdict(flt).items()}
+
+    def get_servers(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
+        return self.call("get_servers", self._filter(flt))  # type: ignore[no-any-return]
+
+    def get_labels(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
+        return self.call("get_labels", self._filter(flt))  # type: ignore[no-any-return]
+
+    def get_groups(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
+        return self.call("get_groups", self._filter(flt))  # type: ignore[no-any-return]
+
+    def get_alerts(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
+        return self.call("get_alerts", self._filter(flt))  # type: ignore[no-any-return]
+
+    def get_secrets(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
+        return self.call("get_secrets", self._filter(flt))  # type: ignore[no-any-return]
+
+    def show_server(self, name: str) -> dict[str, Any]:
+        return self.call("show_server", {"name": name})  # type: ignore[no-any-return]
+
+    def show_label(self, name: str) -> dict[str, Any]:
+        return self.call("show_label", {"name": name})  # type: ignore[no-any-return]
+
+    def show_group(self, name: str) -> dict[str, Any]:
+        return self.call("show_group", {"name": name})  # type: ignore[no-any-return]
+
+    def show_alert(self, name: str) -> dict[str, Any]:
+        return self.call("show_alert", {"name": name})  # type: ignore[no-any-return]
+
+    def show_secret(self, path: str) -> dict[str, Any]:
+        return self.call("show_secret", {"name": path})  # type: ignore[no-any-return]
+
+    def targets_server(self, name: str) -> dict[str, Any]:
+        return self.call("targets_server", {"name": name})  # type: ignore[no-any-return]
+
+    def add_server(self, name: str, provider: str, labels: list[str], environment: str | None = None,
+                   region: str | None = None, size: str | None = None) -> dict[str, Any]:  # fmt: skip
+        body = {"name": name, "provider": provider, "labels": list(labels), "environment": environment, "region": region, "size": size}
+        return self.call("add_server", body)  # type: ignore[no-any-return]
+
+    def set_labels(self, name: str, labels: list[str]) -> dict[str, Any]:
+        return self.call("set_labels", {"name": name, "labels": list(labels)})  # type: ignore[no-any-return]
+
+    def remove_server(self, name: str) -> None:
+        self.call("remove_server", {"name": name})

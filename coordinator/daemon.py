@@ -1,0 +1,213 @@
+"""The coordinator daemon (`lab server run`): the RPC API on 7443/tcp.
+
+One root nursery; :func:`serve` follows the ``task_status`` convention. Methods:
+
+* ``enroll`` — sessions without a certificate only (:class:`~lab.coordinator.enrollment.EnrollmentService`);
+* ``checkin`` — any enrolled node (its certificate names it);
+* ``engine.<method>`` — certificates with the ``admin`` role: the read methods of
+  :class:`~lab.coordinator.engine.Engine` in :data:`ENGINE_READ` and the inventory writes in
+  :data:`ENGINE_WRITE`, nothing else. Replies ``{"result": …, "warnings": [...]}``.
+
+State is SQLite used from the trio thread: each call is short, and the daemon serialises them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from lab.common import rpc, wire
+from lab.common.errors import NotEntitled, NotFound, UsageError
+from lab.common.identity import CertificateAuthority
+from lab.coordinator.engine import Engine, Paths, ServerFilter
+from lab.coordinator.enrollment import ADMIN_ROLE, EnrollmentService, ensure_cluster_identity, load_identity, log_event
+
+__all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "ENGINE_READ", "ENGINE_WRITE", "Coordinator", "parse_endpoint", "sd_notify", "serve"]
+
+DEFAULT_PORT: Final = 7443
+DEFAULT_LISTEN: Final = f"127.0.0.1:{DEFAULT_PORT}"
+ENGINE_READ: Final = frozenset({
+    "get_servers", "get_labels", "get_groups", "get_alerts", "get_secrets",
+    "show_server", "show_label", "show_group", "show_alert", "show_secret", "targets_server",
+})  # fmt: skip
+ENGINE_WRITE: Final = frozenset({"add_server", "set_labels", "remove_server"})
+_FILTER_KEYS: Final = ("labels", "groups", "environments", "regions", "exclude")
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` → (host, port), default port 7443."""
+    return rpc.parse_endpoint(text, DEFAULT_PORT)
+
+
+
+def sd_notify(message: str, environ: dict[str, str] | None = None) -> bool:
+    """Tell systemd (``Type=notify``) e.g. ``READY=1``; False when not under systemd."""
+    path = (environ if environ is not None else os.environ).get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log_event(logging.WARNING, "daemon.notify_failed", reason=exc.strerror or str(exc))
+            return False
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """Engine results as wire data (tuples → lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _str_list(body: dict[str, Any], key: str) -> list[str]:
+    v = body.get(key) or []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UsageError(f"{key} must be a list of strings")
+    return v
+
+
+class Coordinator:
+    """Dispatches requests to the enrollment service and (for admins) the engine."""
+
+    def __init__(self, engine: Engine, enrollment: EnrollmentService) -> None:
+        self.engine = engine
+        self.enrollment = enrollment
+
+    async def handle(self, peer: rpc.PeerInfo, req: wire.Request) -> dict[str, Any]:
+        method = req.method
+        if method == "checkin":
+            return await self.enrollment.checkin(peer, req)
+        if method.startswith("engine."):
+            name = method[len("engine."):]
+            if name not in ENGINE_READ and name not in ENGINE_WRITE:
+                raise NotFound(f"no engine method {name!r}")
+            if ADMIN_ROLE not in peer.roles:
+                log_event(logging.WARNING, "api.denied", peer=peer.address, name=peer.name, method=method)
+                raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+            return self._engine_call(peer, name, req.body)
+        if method == "ping":
+            return {"name": self.enrollment.endpoint}
+        raise NotFound(f"no method {method!r}")
+
+    def _engine_call(self, peer: rpc.PeerInfo, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        engine = self.engine
+        engine.reload()  # other `lab` processes may have written state.db or definitions
+        engine.state.warnings.clear()
+        if name.startswith("get_"):
+            flt = ServerFilter(*(tuple(_str_list(body, k)) for k in _FILTER_KEYS))
+            result: Any = getattr(engine, name)(flt)
+        elif name in ENGINE_READ:
+            target = body.get("name")
+            if not isinstance(target, str):
+                raise UsageError("name must be a string")
+            result = getattr(engine, name)(target)
+        elif name == "add_server":
+            result = engine.add_server(
+                body.get("name"), body.get("provider"), _str_list(body, "labels"),
+                body.get("environment"), body.get("region"), body.get("size"),
+            )  # fmt: skip
+        elif name == "set_labels":
+            result = engine.set_labels(body.get("name"), _str_list(body, "labels"))
+        else:
+            result = engine.remove_server(body.get("name"))
+        if name in ENGINE_WRITE:
+            log_event(logging.INFO, "api.write", name=peer.name, method=name, subject=body.get("name"))
+        return {"result": _plain(result), "warnings": list(engine.warnings)}
+
+
+async def serve(
+    paths: Paths,
+    listen: str = DEFAULT_LISTEN,
+    *,
+    advertise: str | None = None,
+    clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the coordinator API until cancelled; ``started(port)`` once it listens."""
+    host, port = parse_endpoint(listen)
+    ensure_cluster_identity(paths.home)
+    identity = load_identity(paths.home, "coordinator")
+    ca = CertificateAuthority.load(paths.home / "ca.key")
+    engine = Engine.open(paths)
+    dns = None
+    try:
+        for w in engine.warnings:
+            log_event(logging.WARNING, "daemon.state_warning", detail=w)
+        from lab.coordinator.dns import DnsManager
+
+        dns = DnsManager.from_home(paths.home, audit=engine.state.audit)
+        async with trio.open_nursery() as nursery:
+            actual = await nursery.start(
+                _serve_rpc, host, port, identity, engine, ca, dns, advertise, clock
+            )
+            log_event(logging.INFO, "daemon.ready", listen=f"{host}:{actual}", ca=ca.fingerprint, dns="on" if dns.enabled else "off")
+            sd_notify("READY=1")
+            task_status.started(actual)
+    finally:
+        # reverse order of setup; each failure is logged and the rest still runs
+        for what, close in (("dns", getattr(dns, "close", None)), ("engine", engine.close), ("ca", ca.close)):
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - shutdown carries on
+                log_event(logging.WARNING, "daemon.close_failed", what=what, reason=str(exc))
+
+
+async def _serve_rpc(
+    host: str, port: int, identity: rpc.Identity, engine: Engine, ca: CertificateAuthority, dns: Any,
+    advertise: str | None, clock: Callable[[], float], task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    holder: dict[str, Coordinator] = {}
+
+    async def handler(peer: rpc.PeerInfo, req: wire.Request) -> dict[str, Any]:
+        return await holder["c"].handle(peer, req)
+
+    async def enroll(peer: rpc.EnrollingPeer, req: wire.Request) -> dict[str, Any]:
+        return await holder["c"].enrollment.enroll(peer, req)
+
+    async with trio.open_nursery() as nursery:
+        actual = await nursery.start(lambda task_status: rpc.serve(
+            host, port, identity=identity, handler=handler, enroll_handler=enroll, task_status=task_status
+        ))  # fmt: skip
+        if advertise:
+            endpoint = advertise
+        else:
+            shown = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+            endpoint = f"[{shown}]:{actual}" if ":" in shown else f"{shown}:{actual}"
+        service = EnrollmentService(engine.state, ca, endpoint=endpoint, dns=dns if dns.enabled else None, clock=clock)
+        holder["c"] = Coordinator(engine, service)
+        task_status.started(actual)
+
+
+async def run(paths: Paths, listen: str = DEFAULT_LISTEN, advertise: str | None = None) -> None:
+    """`lab server run`: serve until SIGTERM/SIGINT, then shut down cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve(paths, listen, advertise=advertise, task_status=task_status))
+            async for signum in signals:
+                log_event(logging.INFO, "daemon.stopping", signal=signal.Signals(signum).name)
+                sd_notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Structured lines on stderr (journald adds the time when run by systemd)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
