@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import time  # PUPPET pillar staleness (coordinator/reports.py)
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from lab.common.errors import ConfigError, NotFound, UsageError
 from lab.common.targeting import Fleet, Item, ServerView
 from lab.coordinator.alerts.engine_ext import AlertsMixin  # alerts + health: render, HEALTH pillar, values
 from lab.coordinator.state import StateDB
+from lab.coordinator.reports import describe_server as _describe_server, puppet_pillar  # agent reports: PUPPET pillar, describe
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "common" / "config" / "examples"
 if not EXAMPLES.is_dir():  # installed as a wheel: package data sits beside the module
@@ -462,6 +464,10 @@ class Engine(AlertsMixin):
         """One server's inventory record with its four pillars (a row of `get_servers`)."""
         return _server_record(self.state.get_server(name), self._label_sizes())
 
+    def describe_server(self, name: str) -> dict[str, Any]:
+        """`lab describe server NAME`: the four pillars in detail (built in coordinator/reports.py)."""
+        return _describe_server(self, name, time.time())
+
     def reload(self) -> None:
         """Forget cached definitions and fleet, so the next call sees edits made elsewhere
         (definition files, other `lab` processes writing state.db)."""
@@ -509,7 +515,7 @@ def _server_record(s: Any, label_sizes: dict[str, str] | None = None) -> dict[st
         "region": s.region,
         "size": size,
         "sync": "unknown",
-        "puppet": "unknown",
+        "puppet": puppet_pillar(getattr(s, "puppet", None), time.time()),  # reports: coordinator/reports.py
         "health": "unknown",
         "identity": "enrolled" if getattr(s, "enrolled_at", None) else "not enrolled",
     }

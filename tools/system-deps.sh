@@ -15,6 +15,7 @@ case "${1:-test}" in
       qemu-system-x86 ipxe-qemu ipxe ovmf                   # PXE: real BIOS/UEFI network boot
       ipmitool openipmi debconf                             # power: ipmi_sim BMC; preseed check
       swtpm swtpm-tools tpm2-tools systemd                  # agent: TPM-sealed cache key, unit verify
+      puppet                                                # agent reporters: real puppet apply runs
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac

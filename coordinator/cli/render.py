@@ -72,6 +72,8 @@ def pillar(value: str) -> str:
         "ok": OK,
         "enrolled": OK,
         "drift": WARN,
+        "changed": WARN,
+        "stale": WARN,
         "failed": FAIL,
         "not enrolled": "–",
         "unknown": UNKNOWN,
