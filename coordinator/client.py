@@ -115,6 +115,9 @@ class RemoteEngine:
     def targets_server(self, name: str) -> dict[str, Any]:
         return self.call("targets_server", {"name": name})  # type: ignore[no-any-return]
 
+    def describe_server(self, name: str) -> dict[str, Any]:
+        return self.call("describe_server", {"name": name})  # type: ignore[no-any-return]
+
     def add_server(self, name: str, provider: str, labels: list[str], environment: str | None = None,
                    region: str | None = None, size: str | None = None) -> dict[str, Any]:  # fmt: skip
         body = {"name": name, "provider": provider, "labels": list(labels), "environment": environment, "region": region, "size": size}

@@ -36,7 +36,7 @@ DEFAULT_PORT: Final = 7443
 DEFAULT_LISTEN: Final = f"127.0.0.1:{DEFAULT_PORT}"
 ENGINE_READ: Final = frozenset({
     "get_servers", "get_labels", "get_groups", "get_alerts", "get_secrets",
-    "show_server", "show_label", "show_group", "show_alert", "show_secret", "targets_server",
+    "show_server", "show_label", "show_group", "show_alert", "show_secret", "targets_server", "describe_server",
 })  # fmt: skip
 ENGINE_WRITE: Final = frozenset({"add_server", "set_labels", "remove_server"})
 _FILTER_KEYS: Final = ("labels", "groups", "environments", "regions", "exclude")

@@ -39,6 +39,7 @@ from lab.common.identity import (
     write_private_file,
 )
 from lab.coordinator import tokens
+from lab.coordinator.reports import record_report
 from lab.coordinator.state import StateDB, validate_server_name
 
 __all__ = [
@@ -285,7 +286,8 @@ class EnrollmentService:
                 server, cert = self._register(record, peer, facts, addresses, endpoints, now)
                 self.state.audit(
                     "node.enroll", record.name,
-                    {"key": key_fpr, "serial": cert.serial, "labels": list(server.labels), "roles": list(cert.roles),
+                    {"key": key_fpr, "serial": cert.serial, "not_after": cert.not_after,
+                     "labels": list(server.labels), "roles": list(cert.roles),
                      "addresses": addresses or [], "peer": peer.address},
                     actor=f"key:{key_fpr[:16]}",
                 )  # fmt: skip
@@ -371,6 +373,8 @@ class EnrollmentService:
                 self.state.set_endpoints(name, endpoints)
             if changed:
                 self.state.audit("node.addresses", name, {"before": before.addresses, "after": addresses}, actor=f"node:{name}")
+            if body.get("report") is not None:  # agent reporters: Puppet runs (coordinator/reports.py)
+                record_report(self.state, name, body["report"], self.clock())
         if changed and self.dns is not None:
             try:
                 await self.dns.address_changed(name, before.addresses or [], addresses or [])

@@ -97,7 +97,7 @@ def test_remote_cli_goes_through_the_daemon(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_engine_allowlist_is_read_only_plus_inventory() -> None:
-    assert all(m.startswith(("get_", "show_", "targets_")) for m in ENGINE_READ)
+    assert all(m.startswith(("get_", "show_", "targets_", "describe_")) for m in ENGINE_READ)
 
 
 def test_engine_results_are_wire_data(tmp_path: Path) -> None:

@@ -295,6 +295,22 @@ def test_checkin_updates_last_checkin_and_addresses(env: Env) -> None:
         call(env, _identity(env, "web-1", ("agent",)), "checkin", {})
 
 
+def test_checkin_carries_the_agents_puppet_report(env: Env) -> None:
+    from lab.agent.reporters import build_report, parse_puppet_run
+    from lab.coordinator.reports import puppet_pillar
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "puppet_reports" / "failed"
+    run = parse_puppet_run((fixtures / "last_run_summary.yaml").read_text(), (fixtures / "last_run_report.yaml").read_text())
+    key = NodeKey.generate()
+    reply = enroll(env, env.token(), key)
+    me = rpc.Identity(key, reply["_certificate"], env.ca.public_key)
+    call(env, me, "checkin", {"report": build_report(run)})
+    s = env.engine.state.get_server("web-1")
+    assert puppet_pillar(s.puppet, run.time or env.now[0]) == "failed"
+    with pytest.raises(UsageError):
+        call(env, me, "checkin", {"report": {"puppet": "not a run"}})
+
+
 def test_roles_for_labels() -> None:
     assert roles_for_labels(["app"]) == ("agent",)
     assert roles_for_labels(["secret-store", "lab-server", "secret-store"]) == ("agent", "store", "coordinator")
