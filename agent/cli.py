@@ -62,6 +62,7 @@ def facts(
     emit(result, fmt, human)
 
 
+
 @app.command()
 def enroll(
     server: Annotated[str, typer.Option("--server", help="The coordinator, HOST:PORT (default port 7443).")],
@@ -160,6 +161,12 @@ def cache_import(
     except localclient.AgentError:
         note = "agent not running; it delivers them when it starts"
     print(f"imported {len(records)} secrets into {cfg.home / 'cache'} ({note})")
+
+
+# -- store role (agent/store_cmd.py) -------------------------------------------------------------
+from lab.agent.store_cmd import store_app  # noqa: E402
+
+app.add_typer(store_app, name="store")
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -118,17 +118,12 @@ def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
 
 
 async def sync_loop(agent: Agent, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """HOOK for the store-sync component (not implemented here).
+    """Store sync (agent/sync.py): one Noise session to a reachable store from enrollment.yaml's
+    ``stores``; records via ``agent.apply``, removals via ``agent.drop``; status in
+    ``agent.sync_status``. Not enrolled: the agent serves its cache and says sync is not running."""
+    from lab.agent.sync import run_for_agent
 
-    It will: keep one Noise session to a reachable store (from enrollment.yaml's ``stores``),
-    send ``{path: version}`` of what the cache holds, then for each record received call
-    ``agent.apply(record)`` (cache + /run/secrets), for each removal ``agent.drop(path)``, and on
-    every confirmation ``agent.cache.mark_synced()``. It reports in ``agent.sync_status``:
-    ``running``, ``stores`` ({name: connected|unreachable|...}), ``coordinator`` and ``entitled``.
-    Until then the agent serves its cache and says "not connected (sync not running)".
-    """
-    agent.sync_status.update(running=False, stores={}, coordinator=None)
-    task_status.started()
+    await run_for_agent(agent, task_status=task_status)
 
 
 class Agent:

@@ -1,0 +1,279 @@
+"""The agent's side of store sync: one Noise session to any reachable store, kept subscribed.
+
+::
+
+    shuffle the store list ──► connect (rpc, certificate both ways; the store must carry "store")
+         ▲                       │ store.sync  SyncRequest{have: {path: version} from the cache}
+         │                       ▼
+    backoff with jitter      SyncUpdate* ── records → cache.put + /run/secrets (atomic replace)
+    after a full pass            │           removed → cache.remove + unlink, at once
+    of failures; the lost        │           each update (heartbeats too) → cache.mark_synced()
+    store goes last              ▼           final (we are revoked) → everything dropped, session ends
+                             connection lost, or silent past silence_timeout → next store
+
+Nothing here blocks serving: the daemon answers from the cache whatever this loop is doing.
+:func:`sync_loop` reports in the ``status`` mapping it is given (what ``lab secret status``
+shows): ``running``, ``state`` (connecting / connected / unreachable / revoked), ``store``
+(endpoint), ``store_name``, ``since``, ``last_error``, ``last_update``, ``updates`` and
+``stores`` ({endpoint: "connected" | "unreachable: why"}).
+
+The pure parts — :class:`StoreRotation` (failover order) and :func:`to_cache_records` — take
+their randomness and time explicitly (tests/unit/test_agent_sync.py). The backoff schedule is
+:class:`lab.store.node.Backoff`, shared with the store's peer links.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+import time
+from collections.abc import Iterable, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import trio
+import yaml
+
+from lab.agent.cache import CacheRecord, SecretCache
+from lab.common import rpc, wire
+from lab.common.errors import AuthError, ConfigError, LabError, RemoteProtocolError, TransportError
+from lab.store.node import DEFAULT_STORE_PORT, STORE_ROLE, Backoff, load_home_identity
+from lab.store.records import NODE_PATTERN, decode_message_untrusted
+from lab.store.serve import SyncRequest, SyncUpdate, VersionRef
+
+__all__ = ["SyncConfig", "StoreRotation", "have_from_cache", "run_for_agent", "sync_loop", "to_cache_records"]
+
+log = logging.getLogger("lab.agent.sync")
+
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_SILENCE_TIMEOUT: Final = 90.0  # three of the store's 30 s heartbeats
+ENROLLMENT_FILE: Final = "enrollment.yaml"
+_NODE_RE: Final = re.compile(NODE_PATTERN)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncConfig:
+    backoff_base: float = 0.2
+    backoff_cap: float = 30.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    silence_timeout: float = DEFAULT_SILENCE_TIMEOUT  # no update nor heartbeat for this long: session dead
+
+
+class Sink(Protocol):
+    def apply(self, record: CacheRecord) -> None: ...
+    def drop(self, path: str) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+
+
+class StoreRotation:
+    """Which store to try next: every store once per pass, in a fresh random order each pass
+    (agents spread over the stores), the store just lost or failed placed last."""
+
+    def __init__(self, stores: Iterable[str], rng: random.Random) -> None:
+        self.stores = list(dict.fromkeys(stores))
+        if not self.stores:
+            raise ConfigError("no store endpoints to sync with")
+        self.rng = rng
+        self._queue: list[str] = []
+        self._avoid: str | None = None
+
+    def next(self) -> tuple[str, bool]:
+        """(endpoint, starts_pass): ``starts_pass`` is True when a new pass over the list begins."""
+        new_pass = not self._queue
+        if new_pass:
+            order = list(self.stores)
+            self.rng.shuffle(order)
+            if self._avoid in order and len(order) > 1:
+                order.remove(self._avoid)
+                order.append(self._avoid)
+            self._queue = order
+        return self._queue.pop(0), new_pass
+
+    def lost(self, endpoint: str) -> None:
+        """A working session to ``endpoint`` ended: start a new pass, trying it last."""
+        self._avoid = endpoint
+        self._queue = []
+
+
+def have_from_cache(records: Iterable[CacheRecord]) -> dict[str, VersionRef]:
+    """``{path: version}`` of the cached records that carry a store version."""
+    node = _NODE_RE
+    out: dict[str, VersionRef] = {}
+    for r in records:
+        v = r.version
+        if isinstance(v, tuple) and len(v) == 3 and node.fullmatch(v[2]) and len(v[2]) <= 64 and v[1] < 2**32:
+            out[r.path] = VersionRef(v[0], v[1], v[2])
+    return out
+
+
+def to_cache_records(update: SyncUpdate, now: float) -> list[CacheRecord]:
+    """The update's secrets as cache records (fetched at ``now``)."""
+    return [
+        CacheRecord(
+            path=s.path, value=s.value, version=(s.version.wall_ms, s.version.counter, s.version.origin),
+            type=s.meta.type, ttl=s.meta.ttl or None, owner=s.meta.owner, group=s.meta.group,
+            mode=s.meta.mode & 0o777, fetched_at=now,
+        )
+        for s in update.records
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class _CacheSink:
+    cache: SecretCache
+    files: Any = None  # lab.agent.delivery.FileDelivery
+
+    def apply(self, record: CacheRecord) -> None:
+        self.cache.put(record)
+        if self.files is not None:
+            self.files.write(record)
+
+    def drop(self, path: str) -> None:
+        self.cache.remove(path)
+        if self.files is not None:
+            self.files.remove(path)
+
+
+class _Revoked(AuthError):
+    pass
+
+
+def _event(level: int, event: str, **fields: object) -> None:
+    if log.isEnabledFor(level):
+        log.log(level, "event=%s %s", event, " ".join(f"{k}={rpc._fmt(v)}" for k, v in fields.items() if v is not None))
+
+
+async def _session(endpoint: str, cache: SecretCache, sink: Sink, identity: rpc.Identity,
+                   status: MutableMapping[str, Any], config: SyncConfig, on_connected: Any) -> None:
+    host, port = rpc.parse_endpoint(endpoint, DEFAULT_STORE_PORT)
+    async with rpc.connect(host, port, identity=identity, timeout=config.connect_timeout) as conn:
+        if STORE_ROLE not in conn.peer.roles:
+            raise AuthError(f"{endpoint} answered as {conn.peer.name!r}, which is not a store")
+        request = SyncRequest(have_from_cache(cache.records()))
+        async with conn.stream("store.sync", {"msg": wire.encode(request)}) as items:
+            while True:
+                with trio.move_on_after(config.silence_timeout) as silent:
+                    try:
+                        item = await items.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if silent.cancelled_caught:
+                    raise TransportError(f"{endpoint}: no update nor heartbeat for {config.silence_timeout:g} s")
+                raw = item.get("msg")
+                update = decode_message_untrusted(raw) if isinstance(raw, bytes) else None
+                if not isinstance(update, SyncUpdate):
+                    raise RemoteProtocolError(f"{endpoint}: store.sync sent something other than a SyncUpdate")
+                now = time.time()
+                for record in to_cache_records(update, now):
+                    sink.apply(record)
+                for path in update.removed:
+                    sink.drop(path)
+                cache.mark_synced(now)
+                if status.get("state") != "connected":
+                    status.update(state="connected", store=endpoint, store_name=conn.peer.name, since=now, last_error=None)
+                    status.setdefault("stores", {})[endpoint] = "connected"
+                    on_connected()
+                status.update(last_update=now, updates=status.get("updates", 0) + 1, entitled=len(cache.paths()))
+                if update.records or update.removed or update.final:  # not for heartbeats
+                    _event(logging.INFO, "sync.update", store=conn.peer.name, records=len(update.records),
+                           removed=len(update.removed), final=update.final or None)
+                if update.final:
+                    raise _Revoked(f"{conn.peer.name} reports this node's certificate revoked")
+    raise TransportError(f"{endpoint} ended the sync session")
+
+
+async def sync_loop(
+    cache: SecretCache,
+    identity: rpc.Identity,
+    stores: Sequence[str],
+    status: MutableMapping[str, Any],
+    *,
+    files: Any = None,
+    sink: Sink | None = None,
+    config: SyncConfig = SyncConfig(),
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep the cache in step with the stores until cancelled. ``started()`` at once: nothing
+    waits for the network. ``sink`` (default: the cache, plus ``files`` if given) receives each
+    record and removal."""
+    rng = rng or random.Random()
+    rotation = StoreRotation(stores, rng)
+    backoff = Backoff(config.backoff_base, config.backoff_cap, rng)
+    sink = sink or _CacheSink(cache, files)
+    status.update(running=True, state="connecting", store=None, store_name=None, since=None, last_error=None,
+                  stores={s: "not tried" for s in rotation.stores})
+    task_status.started()
+    first, pass_connected = True, False
+    while True:
+        endpoint, new_pass = rotation.next()
+        if new_pass:
+            if not first and not pass_connected:  # a whole pass connected nowhere
+                await trio.sleep(backoff.next_delay())
+            first, pass_connected = False, False
+        connected = False
+
+        def on_connected() -> None:
+            nonlocal connected
+            connected = True
+            backoff.reset()
+
+        try:
+            await _session(endpoint, cache, sink, identity, status, config, on_connected)
+        except _Revoked as exc:
+            status.update(state="revoked", last_error=str(exc))
+            _event(logging.WARNING, "sync.revoked", store=endpoint, reason=str(exc))
+        except (LabError, OSError) as exc:
+            reason = str(exc)[:200]
+            status["stores"][endpoint] = f"unreachable: {reason}"
+            status["last_error"] = reason
+            _event(logging.INFO, "sync.lost" if connected else "sync.unreachable", store=endpoint, reason=reason)
+        if connected:
+            if status.get("state") != "revoked":
+                status["state"] = "connecting"
+                status["stores"][endpoint] = "disconnected"
+            status.update(store=None, store_name=None, since=None)
+            rotation.lost(endpoint)
+            pass_connected = True
+            await trio.sleep(backoff.next_delay())  # lost just now: a short, jittered pause
+
+
+def _stores_from_enrollment(home: Path) -> list[str]:
+    try:
+        doc = yaml.safe_load((home / ENROLLMENT_FILE).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError("not enrolled: run `lab-agent enroll` first", file=str(home / ENROLLMENT_FILE)) from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=str(home / ENROLLMENT_FILE)) from exc
+    stores = doc.get("stores") if isinstance(doc, dict) else None
+    return [s for s in stores or [] if isinstance(s, str)]
+
+
+async def run_for_agent(agent: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The daemon's hook (``lab.agent.daemon.sync_loop``): identity from the agent home, stores
+    from ``enrollment.yaml``; records and removals through ``agent.apply`` / ``agent.drop``.
+    Not enrolled, or no stores: says so in the status and serves the cache alone."""
+    try:
+        home = getattr(getattr(agent, "config", None), "home", None)
+        if home is None:
+            raise ConfigError("the agent has no home directory configured")
+        home = Path(home)
+        identity = load_home_identity(home)
+        stores = _stores_from_enrollment(home)
+        if not stores:
+            raise ConfigError("enrollment lists no stores", file=str(home / ENROLLMENT_FILE))
+    except LabError as exc:
+        agent.sync_status.update(running=False, state="not configured", last_error=str(exc), stores={})
+        _event(logging.WARNING, "sync.not_configured", reason=str(exc))
+        task_status.started()
+        return
+    await sync_loop(agent.cache, identity, stores, agent.sync_status, sink=agent, task_status=task_status)
