@@ -8,7 +8,8 @@ case "${1:-test}" in
   test)
     pkgs=(
       bind9 bind9-dnsutils                                  # DNS: named, tsig-keygen, dig
-      prometheus nagios4-core monitoring-plugins-basic      # alerts: promtool, prometheus, nagios4 -v
+      prometheus prometheus-node-exporter                   # alerts: promtool, a real server and exporter
+      nagios4-core monitoring-plugins-basic                 # alerts: nagios4 -v on rendered objects
       tmux                                                  # lab dash end-to-end
       age git                                               # secret backups: stock age decrypts, Git history
       iproute2 busybox tftp-hpa                             # PXE: netns hosts, udhcpc, tftp client

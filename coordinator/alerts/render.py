@@ -17,17 +17,16 @@ Every file_sd entry carries the target labels ``lab_server``, ``lab_environment`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from lab.common.config import Alert, format_duration
 from lab.common.errors import ConfigError
-from lab.common.targeting import Fleet
+from lab.common.targeting import CLASS_ALERTS, ENROLLMENT_ALERTS, IDENTITY_ALERTS, PORT_ALERTS, SIZE_ALERTS, Fleet
 from lab.coordinator.alerts import auto
 from lab.coordinator.alerts.condition import Condition, parse, parse_alert
 
@@ -56,17 +55,23 @@ class Rule:
         if self.for_seconds:
             rule["for"] = format_duration(self.for_seconds)
         rule["labels"] = {"severity": self.severity, "lab_alert": self.alert, "lab_source": self.source}
-        where = f" (defined at {self.defined_at})" if self.defined_at else ""
+        where = f" (defined at {_literal(self.defined_at)})" if self.defined_at else ""
         rule["annotations"] = {
-            "summary": f"{self.alert} on {{{{ $labels.lab_server }}}}: {self.summary or self.condition.text}",
+            "summary": f"{self.alert} on {{{{ $labels.lab_server }}}}: {_literal(self.summary or self.condition.text)}",
             "description": (
-                f"lab alert {self.alert} from {_describe_source(self.source)}{where}; "
-                f"condition: {self.condition.text}; value: {{{{ $value }}}}"
+                f"lab alert {self.alert} from {_literal(_describe_source(self.source))}{where}; "
+                f"condition: {_literal(self.condition.text)}; value: {{{{ $value }}}}"
             ),
             "lab_alert": self.alert,
             "lab_source": self.source,
         }
         return rule
+
+
+def _literal(text: str) -> str:
+    """User text inside an annotation, which Prometheus expands as a Go template: shown as
+    written, never expanded (``{{`` becomes ``{{ "{{" }}``)."""
+    return text.replace("{{", '{{ "{{" }}') if "{{" in text else text
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,10 +106,63 @@ def _describe_source(source: str) -> str:
     return source.replace(":", " ", 1).replace("+", " and ")
 
 
-def collect_rules(fleet: Fleet) -> tuple[list[Rule], list[tuple[str, str]]]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Extras:
+    """What rendering needs of the server views beyond the defined alerts, computed straight from
+    the labels (compiling every complete :class:`ServerView` costs seconds at 10,000 servers).
+
+    ``named`` holds, per server, the (alert, source) pairs of label-named checks and
+    auto-generated alerts, exactly as the server's view lists them (the unit tests compare the
+    two for random fleets); ``ports`` and ``classes`` per server as in the view."""
+
+    named: Mapping[str, tuple[tuple[str, str], ...]]
+    ports: Mapping[str, tuple[int, ...]]
+    classes: Mapping[str, tuple[str, ...]]
+
+
+def _extras(fleet: Fleet) -> _Extras:
+    d = fleet.definitions
+    per_label: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], str | None]] = {
+        name: (tuple(lab.puppet_classes), tuple(lab.ports), tuple(lab.alerts), lab.size) for name, lab in d.labels.items()
+    }
+    always = tuple((a, "auto:identity") for a in IDENTITY_ALERTS) + tuple((a, "auto:enrollment") for a in ENROLLMENT_ALERTS)
+    named: dict[str, tuple[tuple[str, str], ...]] = {}
+    ports_of: dict[str, tuple[int, ...]] = {}
+    classes_of: dict[str, tuple[str, ...]] = {}
+    cache: dict[tuple[tuple[str, ...], str | None], tuple[tuple[tuple[str, str], ...], tuple[int, ...], tuple[str, ...]]] = {}
+    for name, record in fleet.servers.items():
+        key = (tuple(record.labels), getattr(record, "size", None))
+        hit = cache.get(key)
+        if hit is None:
+            pairs: dict[tuple[str, str], None] = {}
+            ports: dict[int, None] = {}
+            classes: dict[str, None] = {}
+            size = key[1]
+            for label in key[0]:
+                info = per_label.get(label)
+                if info is None:
+                    continue
+                cls, prt, alerts, lsize = info
+                classes.update(dict.fromkeys(cls))
+                src = f"label:{label}"
+                pairs.update(dict.fromkeys((a, src) for a in alerts))
+                ports.update(dict.fromkeys(prt))
+                if size is None and lsize:
+                    size = lsize
+            if size is not None:
+                pairs.update(dict.fromkeys((a, f"auto:size:{size}") for a in SIZE_ALERTS))
+            pairs.update(dict.fromkeys((PORT_ALERTS[p], f"auto:port:{p}") for p in ports if p in PORT_ALERTS))
+            pairs.update(dict.fromkeys((a, f"auto:class:{c}") for c in classes for a in CLASS_ALERTS.get(c, ())))
+            pairs.update(dict.fromkeys(always))
+            hit = cache[key] = (tuple(pairs), tuple(ports), tuple(classes))
+        named[name], ports_of[name], classes_of[name] = hit
+    return _Extras(named, ports_of, classes_of)
+
+
+def collect_rules(fleet: Fleet, extras: _Extras | None = None) -> tuple[list[Rule], list[tuple[str, str]]]:
     """Every alert that reaches any server, one :class:`Rule` per (alert, source)."""
     d = fleet.definitions
-    views = fleet.compile_all()
+    extras = extras if extras is not None else _extras(fleet)
     rules: list[Rule] = []
     skipped: list[tuple[str, str]] = []
     targeted: dict[str, set[str]] = {}
@@ -117,17 +175,15 @@ def collect_rules(fleet: Fleet) -> tuple[list[Rule], list[tuple[str, str]]]:
                 Rule(name, target_source(alert), cond, alert.severity, alert.for_seconds, alert.description,
                      tuple(servers), str(alert.location) if alert.location else None)
             )
-    keyed: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for server, view in views.items():
-        for item in view.alerts:
-            if item.name in d.alerts:
-                if server in targeted[item.name]:
+    keyed: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for server, pairs in extras.named.items():
+        for item in pairs:
+            name, src = item
+            if name in d.alerts:
+                # a defined alert named by a label as well: rendered for the servers it does not target
+                if server in targeted[name] or not src.startswith("label:"):
                     continue
-                sources = [s for s in item.sources if s.startswith("label:")]  # named by a label as well
-            else:
-                sources = list(item.sources)
-            for src in sources:
-                keyed[(item.name, src)].add(server)
+            keyed[item].append(server)
     unknown: dict[str, list[str]] = defaultdict(list)
     for (name, src), servers in sorted(keyed.items()):
         if name in d.alerts:
@@ -140,12 +196,17 @@ def collect_rules(fleet: Fleet) -> tuple[list[Rule], list[tuple[str, str]]]:
             if src not in unknown[name]:
                 unknown[name].append(src)
             continue
-        rules.append(Rule(name, src, parse(check.condition), check.severity, check.for_seconds or None, check.summary,
+        rules.append(Rule(name, src, _parse_check(check.condition), check.severity, check.for_seconds or None, check.summary,
                           tuple(sorted(servers))))
     for name, srcs in sorted(unknown.items()):
         skipped.append((name, f"named by {', '.join(srcs)} but has no condition (define it under alerts:)"))
     rules.sort(key=lambda r: (r.alert, r.source))
     return rules, skipped
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_check(text: str) -> Condition:
+    return parse(text)
 
 
 def env_file(environment: str | None) -> str:
@@ -155,13 +216,101 @@ def env_file(environment: str | None) -> str:
     return f"rules/{env}.yaml"
 
 
-def _dump_yaml(data: Any) -> bytes:
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1 << 20)
-    return f"# {HEADER}\n{text}".encode()
+# -- output formats -----------------------------------------------------------------------------------
+#
+# A small block-style YAML emitter for the rule files: PyYAML's pure-Python emitter needs ~10 s for
+# the 13 MiB of rules of 10,000 servers and 1,000 alerts. Strings are plain when that cannot be
+# read as anything else, single-quoted when printable, else double-quoted with escapes (the unit
+# tests load random strings back with PyYAML, and promtool reads the files).
+
+# Plain: names (``lab_source: auto:port:443``) and durations (``5m``, ``1h30m``), never a word YAML
+# 1.1 reads as a boolean or null.
+_PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./-]*(?::[A-Za-z0-9_./-]+)*|(?:[0-9]+(?:ms|[smhdwy]))+")
+_NOT_PLAIN = re.compile(r"(?i)y|n|yes|no|true|false|on|off|null")
+# Printable in YAML (and not a line break: U+0085, U+2028, U+2029), without the BOM.
+_UNQUOTED_OK = "\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff"
+_SINGLE_OK = re.compile(f"[{_UNQUOTED_OK}]*")
+_ESCAPE = re.compile(f"[^{_UNQUOTED_OK}]")
+_json_string = json.encoder.encode_basestring  # json.dumps(ensure_ascii=False) of one string
 
 
-def _dump_json(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode()
+def _escape_char(m: re.Match[str]) -> str:
+    c = ord(m[0])
+    return f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}"
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[repr(value)]
+    text = str(value)
+    if _PLAIN.fullmatch(text) and not _NOT_PLAIN.fullmatch(text):
+        return text
+    if _SINGLE_OK.fullmatch(text):
+        return "'" + text.replace("'", "''") + "'"
+    # json's escapes (\" \\ \n \t \uXXXX ...) are YAML's too; escape what YAML may not hold raw.
+    return _ESCAPE.sub(_escape_char, _json_string(text))
+
+
+def _yaml_lines(value: Any, indent: str, out: list[str]) -> None:
+    """A mapping's entries at ``indent``; sequences inside mappings are not indented (PyYAML's style)."""
+    for key, v in value.items():
+        k = _yaml_scalar(key)
+        if isinstance(v, Mapping):
+            if v:
+                out.append(f"{indent}{k}:")
+                _yaml_lines(v, indent + "  ", out)
+            else:
+                out.append(f"{indent}{k}: {{}}")
+        elif isinstance(v, (list, tuple)):
+            if v:
+                out.append(f"{indent}{k}:")
+                _yaml_seq(v, indent, out)
+            else:
+                out.append(f"{indent}{k}: []")
+        else:
+            out.append(f"{indent}{k}: {_yaml_scalar(v)}")
+
+
+def _yaml_seq(items: Any, indent: str, out: list[str]) -> None:
+    inner = indent + "  "
+    for item in items:
+        if isinstance(item, Mapping) and item:
+            start = len(out)
+            _yaml_lines(item, inner, out)
+            out[start] = f"{indent}- {out[start][len(inner):]}"
+        elif isinstance(item, (Mapping, list, tuple)):
+            if item:
+                raise TypeError("nested sequences are not emitted")
+            out.append(f"{indent}- {'{}' if isinstance(item, Mapping) else '[]'}")
+        else:
+            out.append(f"{indent}- {_yaml_scalar(item)}")
+
+
+def _dump_yaml(data: Mapping[str, Any]) -> bytes:
+    out = [f"# {HEADER}"]
+    _yaml_lines(data, "", out)
+    out.append("")
+    return "\n".join(out).encode()
+
+
+def _dump_file_sd(entries: list[tuple[str, Mapping[str, str]]]) -> bytes:
+    """``[{"targets": [t], "labels": {...}}, ...]``, byte for byte what ``json.dumps(indent=2,
+    ensure_ascii=False)`` writes, at the speed of the C string encoder."""
+    if not entries:
+        return b"[]\n"
+    enc = _json_string
+    parts = []
+    for target, labels in entries:
+        body = ",\n".join(f"      {enc(k)}: {enc(v)}" for k, v in labels.items())
+        labels_text = f"{{\n{body}\n    }}" if labels else "{}"
+        parts.append(f'  {{\n    "targets": [\n      {enc(target)}\n    ],\n    "labels": {labels_text}\n  }}')
+    return ("[\n" + ",\n".join(parts) + "\n]\n").encode()
 
 
 def _address(record: Any) -> str:
@@ -195,32 +344,37 @@ def _target_labels(record: Any) -> dict[str, str]:
     return labels
 
 
-def render_file_sd(fleet: Fleet) -> dict[str, bytes]:
-    views = fleet.compile_all()
+def render_file_sd(fleet: Fleet, extras: _Extras | None = None) -> dict[str, bytes]:
+    extras = extras if extras is not None else _extras(fleet)
     node_job, node_port = auto.NODE_EXPORTER
-    jobs: dict[str, list[dict[str, Any]]] = {node_job: []}
+    jobs: dict[str, list[tuple[str, Mapping[str, str]]]] = {node_job: []}
     for name in sorted(fleet.servers):
-        record, view = fleet.servers[name], views[name]
+        record = fleet.servers[name]
         addr = _address(record)
         labels = _target_labels(record)
-        jobs[node_job].append({"targets": [_host_port(addr, node_port)], "labels": labels})
-        for port in sorted(set(view.ports)):
+        jobs[node_job].append((_host_port(addr, node_port), labels))
+        for port in sorted(set(extras.ports[name])):
             jobs.setdefault(f"probe-{port}", []).append(
-                {"targets": [_host_port(addr, port)], "labels": {**labels, "lab_port": str(port), "lab_module": auto.probe_module(port)}}
+                (_host_port(addr, port), {**labels, "lab_port": str(port), "lab_module": auto.probe_module(port)})
             )
-        for cls in sorted({i.name for i in view.puppet_classes} & set(auto.CLASS_EXPORTERS)):
+        for cls in sorted(set(extras.classes[name]) & _EXPORTER_CLASSES):
             job, port = auto.CLASS_EXPORTERS[cls]
-            jobs.setdefault(job, []).append({"targets": [_host_port(addr, port)], "labels": labels})
-    return {f"targets/{job}.json": _dump_json(entries) for job, entries in sorted(jobs.items())}
+            jobs.setdefault(job, []).append((_host_port(addr, port), labels))
+    return {f"targets/{job}.json": _dump_file_sd(entries) for job, entries in sorted(jobs.items())}
+
+
+_EXPORTER_CLASSES = frozenset(auto.CLASS_EXPORTERS)
 
 
 def render_prometheus(fleet: Fleet, rules: list[Rule]) -> tuple[dict[str, bytes], dict[str, tuple[str, ...]]]:
     per_file: dict[str, list[dict[str, Any]]] = defaultdict(list)
     where: dict[str, set[str]] = defaultdict(set)
+    files_of_env = {env: env_file(env) for env in {r.environment for r in fleet.servers.values()}}
+    file_of = {name: files_of_env[r.environment] for name, r in fleet.servers.items()}
     for rule in rules:
         by_env: dict[str, list[str]] = defaultdict(list)
         for s in rule.servers:
-            by_env[env_file(fleet.servers[s].environment)].append(s)
+            by_env[file_of[s]].append(s)
         for path, servers in sorted(by_env.items()):
             per_file[path].append(rule.prometheus(tuple(servers)))
             where[rule.alert].add(path)
@@ -402,11 +556,12 @@ def render_naemon(fleet: Fleet, rules: list[Rule]) -> tuple[bytes, dict[str, tup
 
 
 def render_all(fleet: Fleet) -> Rendered:
-    rules, skipped = collect_rules(fleet)
+    extras = _extras(fleet)
+    rules, skipped = collect_rules(fleet, extras)
     files: dict[str, bytes] = {}
     prom, where = render_prometheus(fleet, rules)
     files.update(prom)
-    files.update(render_file_sd(fleet))
+    files.update(render_file_sd(fleet, extras))
     naemon, naemon_hosts = render_naemon(fleet, rules)
     files["naemon/lab.cfg"] = naemon
     return Rendered(dict(sorted(files.items())), tuple(rules), tuple(skipped), where, naemon_hosts)
