@@ -20,18 +20,7 @@ from lab.coordinator.cli.render import FAIL, OK, WARN, emit, table
 
 app = base.app
 
-
-def _sub(name: str, help_text: str) -> typer.Typer:
-    """The sub-app ``lab NAME``, shared with any other module that registers under it."""
-    for group in app.registered_groups:
-        if group.name == name and group.typer_instance is not None:
-            return group.typer_instance
-    sub = typer.Typer(rich_markup_mode=None, help=help_text, no_args_is_help=True)
-    app.add_typer(sub, name=name)
-    return sub
-
-
-secret_app = _sub("secret", "Secrets: read them on this host, set and audit them in the store.")
+secret_app = base.subcommand("secret", "Secrets: read them on this host, set and audit them in the store.")
 
 
 def _call(message: dict[str, Any]) -> dict[str, Any]:

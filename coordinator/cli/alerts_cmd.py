@@ -13,19 +13,8 @@ from lab.coordinator.cli.render import emit
 
 app = base.app
 
-
-def _sub(name: str, help_text: str) -> typer.Typer:
-    """The sub-app ``lab NAME``, shared with any other module that registers under it."""
-    for group in app.registered_groups:
-        if group.name == name and group.typer_instance is not None:
-            return group.typer_instance
-    sub = typer.Typer(rich_markup_mode=None, help=help_text, no_args_is_help=True)
-    app.add_typer(sub, name=name)
-    return sub
-
-
-render_app = _sub("render", "Render definitions into other tools' formats.")
-diff_app = _sub("diff", "What would change, as +/- lines.")
+render_app = base.subcommand("render", "Render definitions into other tools' formats.")
+diff_app = base.subcommand("diff", "What would change, as +/- lines.")
 OutDir = Annotated[str, typer.Option("--out", help="Output directory (rules/, targets/, naemon/).")]
 
 

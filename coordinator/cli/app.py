@@ -35,6 +35,17 @@ app.add_typer(show_app, name="show")
 app.add_typer(server_app, name="server")
 app.add_typer(targets_app, name="targets")
 
+
+def subcommand(name: str, help_text: str) -> typer.Typer:
+    """The sub-app ``lab NAME``, created once and shared by every command module that registers
+    under it (``lab secret`` has store-side and agent-side commands, for instance)."""
+    for group in app.registered_groups:
+        if group.name == name and group.typer_instance is not None:
+            return group.typer_instance
+    sub = typer.Typer(rich_markup_mode=None, help=help_text, no_args_is_help=True)
+    app.add_typer(sub, name=name)
+    return sub
+
 Definitions = Annotated[
     str | None,
     typer.Option("--definitions", help="Definitions directory (default: $LAB_DEFINITIONS, then $LAB_HOME/definitions).", show_default=False),

@@ -22,7 +22,7 @@ import typer
 
 from lab.common.config import parse_duration
 from lab.common.errors import NotFound, StoreError, UsageError
-from lab.coordinator.cli.app import Definitions, Output, _engine, _format, app
+from lab.coordinator.cli.app import Definitions, Output, _engine, _format, app, subcommand
 from lab.coordinator.cli.render import emit
 from lab.coordinator.policy import audit as audit_policy
 from lab.coordinator.policy import compile_policy
@@ -33,18 +33,7 @@ from lab.store.records import Meta, check_path, machine_path
 
 
 
-def _secret_group() -> typer.Typer:
-    """``lab secret``, shared with the other modules that register under it (agent commands)."""
-    for group in app.registered_groups:
-        if group.name == "secret" and group.typer_instance is not None:
-            return group.typer_instance
-    sub = typer.Typer(rich_markup_mode=None, help="Secrets: read them on this host, set and audit them in the store.",
-                      no_args_is_help=True)
-    app.add_typer(sub, name="secret")
-    return sub
-
-
-secret_app = _secret_group()
+secret_app = subcommand("secret", "Secrets: read them on this host, set and audit them in the store.")
 
 LOCAL_NODE = "local"
 Modules = Annotated[str | None, typer.Option("--modules", help="Puppet modules directory to scan for lab::secret calls.", show_default=False)]
@@ -113,9 +102,16 @@ def secret_set(
         value = _read_value()
         meta = _meta_for(defined, type_, parse_duration(ttl) if ttl else None)
         stored = machine_path(path, node) if node else path
-        with _open_store(engine.paths.home, create=True) as ds:
-            rec = ds.write(stored, value, meta, _now_ms())
-    result = {"path": path, "stored_as": stored, "version": str(rec.version), "defined": defined is not None,
+        # [cluster] config.yaml `stores:` (a local cluster, docs/CLUSTER.md): write over the store RPC
+        from lab.coordinator.cluster import configured_stores, remote_set
+
+        stores = configured_stores(engine.paths.home)
+        if stores:
+            version = remote_set(engine.paths.home, stores, path, value, meta, node)
+        else:
+            with _open_store(engine.paths.home, create=True) as ds:
+                version = str(ds.write(stored, value, meta, _now_ms()).version)
+    result = {"path": path, "stored_as": stored, "version": version, "defined": defined is not None,
               "accessible_by": [{"label": label, "servers": len(names)} for label, names in consumers]}
 
     def human(r: dict[str, Any], out: TextIO) -> None:

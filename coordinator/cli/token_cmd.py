@@ -17,11 +17,10 @@ from lab.common.errors import ConfigError
 from lab.common.identity import fingerprint
 from lab.coordinator import tokens
 from lab.coordinator.cli import app as base
-from lab.coordinator.cli.alerts_cmd import _sub
 from lab.coordinator.cli.render import emit, table
 from lab.coordinator.engine import _split
 
-token_app = _sub("token", "One-time join tokens for enrolling agents.")
+token_app = base.subcommand("token", "One-time join tokens for enrolling agents.")
 
 
 def _ca_fingerprint(home: Any) -> str:
