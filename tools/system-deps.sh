@@ -17,6 +17,7 @@ case "${1:-test}" in
       ipmitool openipmi debconf                             # power: ipmi_sim BMC; preseed check
       swtpm swtpm-tools tpm2-tools systemd                  # agent: TPM-sealed cache key, unit verify
       puppet                                                # agent reporters: real puppet apply runs
+      shellcheck curl                                       # PXE: the generated agent install script
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac
@@ -41,6 +42,12 @@ if [ "${1:-test}" = test ]; then
   if [ ! -x "$tools_dir/bin/sushy-emulator" ] || [ ! -x "$tools_dir/bin/ksvalidator" ]; then
     python3 -m venv "$tools_dir"
     "$tools_dir/bin/pip" install --quiet sushy-tools pykickstart
+  fi
+  # cloud-init's schema check for generated autoinstall user-data. It is not on PyPI, and Debian's
+  # package enables boot-time services, so its .deb is unpacked into the tools dir, not installed.
+  if [ ! -d "$tools_dir/cloud-init-root/usr/lib/python3/dist-packages/cloudinit" ] && command -v apt-get >/dev/null; then
+    (cd "$tools_dir" && apt-get download -qq cloud-init && dpkg -x cloud-init_*.deb cloud-init-root && rm -f cloud-init_*.deb)
+    "$tools_dir/bin/pip" install --quiet pyyaml jsonschema jinja2 configobj requests jsonpatch
   fi
 
   # An independent Noise implementation in another language (npm `noise-protocol`, libsodium),

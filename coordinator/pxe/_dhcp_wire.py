@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import ipaddress
 import struct
 from collections.abc import Mapping
@@ -31,6 +32,11 @@ BOOTREQUEST = 1
 BOOTREPLY = 2
 FLAG_BROADCAST = 0x8000
 ZERO = ipaddress.IPv4Address(0)
+_ZERO4 = bytes(4)
+
+
+_COOKIE_BYTES = COOKIE.pack(MAGIC_COOKIE)
+_END = b"\xff"
 
 
 class MessageType(enum.IntEnum):
@@ -115,11 +121,11 @@ class DhcpPacket:
                 raise LocalProtocolError(f"option {code} not encodable")
 
     # -- views -------------------------------------------------------------------------
-    @property
-    def mac(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.chaddr)
+    @functools.cached_property
+    def mac(self) -> str:  # cached in the instance __dict__ (fine on a frozen dataclass)
+        return self.chaddr.hex(":")
 
-    @property
+    @functools.cached_property
     def message_type(self) -> MessageType | None:
         raw = self.options.get(Opt.MESSAGE_TYPE)
         if raw is None:
@@ -177,17 +183,28 @@ class DhcpPacket:
             self.ciaddr.packed, self.yiaddr.packed, self.siaddr.packed, self.giaddr.packed,
             self.chaddr, self.sname, self.file,
         )
-        parts = [head, COOKIE.pack(MAGIC_COOKIE)]
+        parts = [head, _COOKIE_BYTES]
         # message type first (some ROMs insist), the rest in the order given; long values split (RFC 3396)
-        order = sorted(self.options, key=lambda c: c != Opt.MESSAGE_TYPE)
-        for code in order:
-            value = self.options[code]
-            chunks = [value[i : i + 255] for i in range(0, len(value), 255)] or [b""]
-            for chunk in chunks:
+        opts = self.options
+        mt = opts.get(Opt.MESSAGE_TYPE)
+        if mt is not None:
+            parts.append(bytes((Opt.MESSAGE_TYPE, len(mt))) + mt)
+        for code, value in opts.items():
+            if code == Opt.MESSAGE_TYPE:
+                continue
+            if len(value) <= 255:
+                parts.append(bytes((code, len(value))) + value)
+                continue
+            for i in range(0, len(value), 255):
+                chunk = value[i : i + 255]
                 parts.append(bytes((code, len(chunk))) + chunk)
-        parts.append(bytes((Opt.END,)))
+        parts.append(_END)
         out = b"".join(parts)
-        return out + b"\0" * max(0, pad_to - len(out))
+        return out + b"\0" * (pad_to - len(out)) if len(out) < pad_to else out
+
+
+def _ip4(raw: bytes) -> ipaddress.IPv4Address:
+    return ZERO if raw == _ZERO4 else ipaddress.IPv4Address(raw)  # requests are mostly zeros
 
 
 def _cstring(field: bytes) -> bytes:
@@ -240,7 +257,6 @@ def parse_untrusted(data: bytes) -> DhcpPacket:
         raise RemoteProtocolError(f"unknown DHCP message type {mt[0]}")
     return DhcpPacket(
         op=op, htype=htype, hops=hops, xid=xid, secs=secs, flags=flags,
-        ciaddr=ipaddress.IPv4Address(ci), yiaddr=ipaddress.IPv4Address(yi),
-        siaddr=ipaddress.IPv4Address(si), giaddr=ipaddress.IPv4Address(gi),
+        ciaddr=_ip4(ci), yiaddr=_ip4(yi), siaddr=_ip4(si), giaddr=_ip4(gi),
         chaddr=chaddr[:hlen], sname=_cstring(sname)[:63], file=_cstring(file)[:127], options=options,
     )

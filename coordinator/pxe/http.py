@@ -12,7 +12,9 @@ Tokens never reach the logs: only method, path, status and peer are logged.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
+import os
 import pathlib
 import re
 import time
@@ -37,6 +39,26 @@ _MAC = r"([0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2}){5}|[0-9a-fA-F]{12})"
 _SCRIPT_RE = re.compile(rf"^/boot/{_MAC}\.ipxe$")
 _CONFIG_RE = re.compile(rf"^/autoinstall/{_MAC}/(user-data|meta-data|vendor-data|preseed\.cfg|ks\.cfg)$")
 _IMAGE_RE = re.compile(r"^/images/([a-z0-9][a-z0-9._-]{0,62})/(vmlinuz|initrd)$")
+_AGENT_SCRIPT_RE = re.compile(rf"^/agent/(?:{_MAC}/)?install\.sh$")
+AGENT_UNIT_PATH = "/agent/" + boot.AGENT_UNIT
+_REPO = pathlib.Path(__file__).resolve().parents[2]  # the source tree (editable install)
+
+
+def default_agent_dir() -> pathlib.Path:
+    """Where the agent wheel is looked for: $LAB_PXE_AGENT_DIR, else the source tree's dist/."""
+    return pathlib.Path(os.environ.get("LAB_PXE_AGENT_DIR") or _REPO / "dist")
+
+
+def default_agent_unit() -> pathlib.Path:
+    """The agent's systemd unit: $LAB_PXE_AGENT_UNIT, else packaging/systemd/lab-agent.service."""
+    return pathlib.Path(os.environ.get("LAB_PXE_AGENT_UNIT") or _REPO / "packaging" / "systemd" / boot.AGENT_UNIT)
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("lab")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +75,47 @@ def _text(status: int, msg: str) -> Response:
 
 
 class BootService:
+    """Routes of the boot HTTP service.
+
+    ``agent_dir`` holds the agent wheel ``lab-<version>-py3-none-any.whl`` (default
+    ``default_agent_dir()``), served at ``/agent/<wheel>``; ``agent_unit`` is the systemd unit
+    served at ``/agent/lab-agent.service`` when the file exists (default ``default_agent_unit()``);
+    ``agent_version`` defaults to this package's version.
+    """
+
     def __init__(self, allowlist: Allowlist, images: ImageStore, http_base: str,
-                 lease_lookup: Callable[[str], str | None] = lambda mac: None) -> None:
+                 lease_lookup: Callable[[str], str | None] = lambda mac: None, *,
+                 agent_dir: pathlib.Path | None = None, agent_unit: pathlib.Path | None = None,
+                 agent_version: str | None = None) -> None:
         self.allowlist = allowlist
         self.images = images
         self.http_base = http_base.rstrip("/")
         self.lease_lookup = lease_lookup
+        self.agent_dir = agent_dir if agent_dir is not None else default_agent_dir()
+        self.agent_unit = agent_unit if agent_unit is not None else default_agent_unit()
+        self.agent_version = agent_version or _own_version()
+        self.agent_wheel = boot.agent_wheel_name(self.agent_version)
+
+    def _agent(self, method: str, path: str, peer_ip: str, now: float) -> Response:
+        if m := _AGENT_SCRIPT_RE.match(path):
+            node = None
+            if m[1] is not None:  # per machine: the same rules as its install config
+                node = self._node(m[1], peer_ip, now)
+                if isinstance(node, Response):
+                    return node
+            script = boot.agent_install_script(node, self.http_base, self.agent_version,
+                                               unit_served=self.agent_unit.is_file())
+            return Response(200, script.encode(), content_type="text/x-shellscript; charset=utf-8",
+                            event=(node.mac, "agent-script-fetched") if node is not None else None)
+        if path == "/agent/" + self.agent_wheel:
+            wheel = self.agent_dir / self.agent_wheel
+            if not wheel.is_file():
+                log.error("event=agent-wheel-missing path=%s", wheel)
+                return _text(404, f"no agent wheel {self.agent_wheel} on this server")
+            return Response(200, file=wheel, content_type="application/octet-stream")
+        if path == AGENT_UNIT_PATH and self.agent_unit.is_file():
+            return Response(200, file=self.agent_unit)
+        return _text(404, "not found")
 
     def _node(self, mac_text: str, peer_ip: str, now: float):  # -> OnboardingNode | Response
         mac = normalize_mac(mac_text)
@@ -100,6 +157,8 @@ class BootService:
             if text is None:
                 return _text(404, "not found")
             return Response(200, text.encode(), event=(node.mac, f"config-fetched:{m[2]}"))
+        if path.startswith("/agent/"):
+            return self._agent(method, path, peer_ip, now)
         if m := _IMAGE_RE.match(path):
             try:
                 image = self.images.get(m[1])

@@ -88,11 +88,12 @@ class Allowlist(Mapping[str, OnboardingNode]):
 
     def lookup(self, mac: str, now: float) -> OnboardingNode | None:
         """The active entry for ``mac``, or None (unknown, malformed or expired)."""
-        try:
-            key = normalize_mac(mac)
-        except UsageError:
-            return None
-        node = self._nodes.get(key)
+        node = self._nodes.get(mac)  # fast path: already normalised (DhcpPacket.mac is)
+        if node is None:
+            try:
+                node = self._nodes.get(normalize_mac(mac))
+            except UsageError:
+                return None
         return node if node is not None and node.active(now) else None
 
     def allows(self, mac: str, now: float) -> bool:

@@ -411,36 +411,76 @@ def _socket(interface: str | None) -> trio.socket.SocketType:
     return sock
 
 
+def _transfer_socket(interface: str | None) -> socket.socket:
+    """A plain non-blocking socket: the transfer loop calls it directly and goes through trio only
+    to wait (readable, writable, or the retransmission deadline)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if interface:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode() + b"\0")
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _send(sock: socket.socket, data: bytes, peer: tuple[str, int]) -> None:
+    while True:
+        try:
+            sock.sendto(data, peer)
+            return
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+YIELD_EVERY = 32  # packets handled back to back before other transfers get a turn
+
+
 async def _run_transfer(request: Request, peer: tuple[str, int], config: TftpConfig, address: str,
                         interface: str | None, on_event: Callable[[str, str, str], None] | None) -> None:
-    sock = _socket(interface)
+    sock = _transfer_socket(interface)
     fd = None
     try:
-        await sock.bind((address, 0))
+        sock.bind((address, 0))
         try:
             transfer, fd = open_transfer(request, config)
         except TftpError as exc:
             log.info("event=tftp-refused peer=%s file=%r reason=%s", peer[0], request.filename, exc.message)
-            await sock.sendto(exc.packet(), peer)
+            await _send(sock, exc.packet(), peer)
             return
         log.info("event=tftp-start peer=%s file=%r size=%d options=%s", peer[0], request.filename, transfer.size, transfer.accepted)
         for out in transfer.start(trio.current_time()):
-            await sock.sendto(out, peer)
+            await _send(sock, out, peer)
+        handled = 0
         while not transfer.done:
-            with trio.move_on_at(transfer.deadline if transfer.deadline is not None else trio.current_time() + 1):
-                data, src = await sock.recvfrom(MAX_PACKET)
-                if src != peer:
-                    await sock.sendto(encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
+            try:
+                data, src = sock.recvfrom(MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                deadline = transfer.deadline if transfer.deadline is not None else trio.current_time() + 1
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(sock)
                     continue
-                try:
-                    outs = transfer.receive(data, trio.current_time())
-                except RemoteProtocolError:
-                    continue
-                for out in outs:
-                    await sock.sendto(out, peer)
+                for out in transfer.timeout(trio.current_time()):
+                    await _send(sock, out, peer)
                 continue
-            for out in transfer.timeout(trio.current_time()):
-                await sock.sendto(out, peer)
+            handled += 1
+            if handled % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            now = trio.current_time()
+            if src != peer:
+                await _send(sock, encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
+            else:
+                try:
+                    outs = transfer.receive(data, now)
+                except RemoteProtocolError:
+                    outs = []
+                for out in outs:
+                    await _send(sock, out, peer)
+            if transfer.deadline is not None and now >= transfer.deadline:  # a stream of junk must not stop the timer
+                for out in transfer.timeout(now):
+                    await _send(sock, out, peer)
         outcome = "tftp-done" if transfer.state == State.DONE else "tftp-failed"
         log.info("event=%s peer=%s file=%r error=%s", outcome, peer[0], request.filename, transfer.error)
         if on_event is not None:

@@ -82,7 +82,8 @@ def test_ubuntu_user_data_parses_and_holds_the_token_once() -> None:
     (wf,) = ai["user-data"]["write_files"]
     assert wf == {"path": "/etc/lab/join-token", "permissions": "0600", "owner": "root:root", "content": TOKEN + "\n"}
     assert ai["network"]["ethernets"]["boot"]["match"]["macaddress"] == MAC
-    assert any("agent/install.sh" in c and "10.250.7.1:7443" in c for c in ai["late-commands"])
+    assert any(f"{BASE}/agent/aa-bb-cc-dd-ee-ff/install.sh" in c and "10.250.7.1:7443" in c
+               for c in ai["late-commands"])
     meta = yaml.safe_load(boot.ubuntu_meta_data(node()))
     assert meta == {"instance-id": "lab-aa-bb-cc-dd-ee-ff", "local-hostname": "beelink-max"}
 
@@ -205,3 +206,82 @@ def test_http_streams_files_and_rejects_garbage(service: BootService) -> None:
     assert out.startswith(b"HTTP/1.1 400")
     out = _exchange(service, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n")
     assert out.startswith(b"HTTP/1.1 431") or out.startswith(b"HTTP/1.1 400")
+
+
+# -- agent install script ---------------------------------------------------------------------
+
+
+def test_agent_script_per_node() -> None:
+    s = boot.agent_install_script(node(), BASE, "0.1.0", unit_served=True)
+    assert s.startswith("#!/bin/sh\n") and "\nset -eu\n" in s
+    assert f"for beelink-max ({MAC})" in s
+    assert "\nBASE=http://10.250.7.1:8080\n" in s and "\nWHEEL=lab-0.1.0-py3-none-any.whl\n" in s
+    assert "\nCOORDINATOR=10.250.7.1:7443\n" in s and "\nUNIT_SERVED=yes\n" in s
+    assert "\nPREFIX=/opt/lab\n" in s and "\nTOKEN_FILE=/etc/lab/join-token\n" in s
+    assert 'fetch "$BASE/agent/$WHEEL"' in s and "has no agent wheel" in s
+    assert 'python3 -m venv "$PREFIX"' in s
+    assert '"$PREFIX/bin/lab-agent" enroll --server "$COORDINATOR" --token-file "$TOKEN_FILE"' in s
+    assert "ExecStart=$PREFIX/bin/lab-agent enroll --server $COORDINATOR --token-file $TOKEN_FILE" in s
+    assert 'fetch "$BASE/agent/lab-agent.service" "$units/lab-agent.service"' in s
+    assert TOKEN not in s and SECRET not in s
+
+
+def test_agent_script_generic_needs_a_coordinator_and_unit_is_optional() -> None:
+    s = boot.agent_install_script(None, BASE, "0.1.0", unit_served=False)
+    assert "\nCOORDINATOR=''\n" in s and "no coordinator given: pass --coordinator HOST:PORT" in s
+    assert "\nUNIT_SERVED=no\n" in s and "installer for" not in s.splitlines()[1]
+
+
+@pytest.mark.parametrize("version", ["", "1.0 ; rm", "1.0/../x"])
+def test_agent_wheel_name_refuses_odd_versions(version: str) -> None:
+    with pytest.raises(UsageError):
+        boot.agent_wheel_name(version)
+
+
+def test_agent_script_refuses_a_coordinator_unsafe_in_shell() -> None:
+    with pytest.raises(UsageError, match="coordinator"):
+        boot.agent_install_script(node(coordinator="x;reboot"), BASE, "0.1.0", unit_served=True)
+
+
+def test_every_config_installs_the_agent_from_its_per_mac_script() -> None:
+    url = f"{BASE}/agent/aa-bb-cc-dd-ee-ff/install.sh"
+    assert url in boot.debian_preseed(node(image="debian-12"), BASE)
+    assert url in boot.kickstart(node(image="rocky-9"), BASE)
+    assert url in boot.ubuntu_user_data(node(), BASE)
+
+
+@pytest.fixture()
+def agent_service(images: ImageStore, tmp_path: pathlib.Path) -> BootService:
+    al = Allowlist()
+    al.add(node())
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    return BootService(al, images, BASE, lease_lookup={MAC: "10.250.7.100"}.get,
+                       agent_dir=dist, agent_unit=tmp_path / "lab-agent.service", agent_version="1.2.3")
+
+
+def test_agent_routes(agent_service: BootService, tmp_path: pathlib.Path) -> None:
+    r = agent_service.route("GET", "/agent/aa-bb-cc-dd-ee-ff/install.sh", "10.250.7.100", NOW)
+    assert r.status == 200 and r.event == (MAC, "agent-script-fetched")
+    assert b"\nWHEEL=lab-1.2.3-py3-none-any.whl\n" in r.body and b"\nUNIT_SERVED=no\n" in r.body
+    assert agent_service.route("GET", "/agent/aa-bb-cc-dd-ee-ff/install.sh", "10.250.7.7", NOW).status == 403
+    assert agent_service.route("GET", "/agent/02-00-00-00-00-01/install.sh", "10.250.7.100", NOW).status == 404
+    assert agent_service.route("GET", "/agent/aa-bb-cc-dd-ee-ff/install.sh", "10.250.7.100", NOW + 601).status == 404
+    generic = agent_service.route("GET", "/agent/install.sh", "10.9.9.9", NOW)
+    assert generic.status == 200 and b"\nCOORDINATOR=''\n" in generic.body and generic.event is None
+    # no wheel built: a clear 404 (the script turns it into a clear error)
+    r = agent_service.route("GET", "/agent/lab-1.2.3-py3-none-any.whl", "10.9.9.9", NOW)
+    assert r.status == 404 and b"no agent wheel lab-1.2.3-py3-none-any.whl" in r.body
+    assert agent_service.route("GET", "/agent/lab-agent.service", "10.9.9.9", NOW).status == 404
+    # once they exist they are served, to anyone; other names under /agent/ are not
+    wheel = tmp_path / "dist" / "lab-1.2.3-py3-none-any.whl"
+    wheel.write_bytes(b"PK")
+    (tmp_path / "lab-agent.service").write_text("[Unit]\n")
+    (tmp_path / "dist" / "other.whl").write_bytes(b"PK")
+    r = agent_service.route("GET", "/agent/lab-1.2.3-py3-none-any.whl", "10.9.9.9", NOW)
+    assert r.status == 200 and r.file == wheel
+    assert agent_service.route("GET", "/agent/lab-agent.service", "10.9.9.9", NOW).file == tmp_path / "lab-agent.service"
+    assert b"\nUNIT_SERVED=yes\n" in agent_service.route("GET", "/agent/install.sh", "1.2.3.4", NOW).body
+    for path in ("/agent/other.whl", "/agent/../dist/other.whl", "/agent/", "/agent/lab-0.0.1-py3-none-any.whl"):
+        assert agent_service.route("GET", path, "10.9.9.9", NOW).status == 404
+    assert agent_service.route("POST", "/agent/install.sh", "10.9.9.9", NOW).status == 405

@@ -366,3 +366,97 @@ def test_selecting_a_different_address_than_offered_is_nakked() -> None:
                                          server_id=SERVER.packed), NOW))
     assert nak.message_type == MessageType.NAK
     assert server.lease_for(MAC, NOW) is None
+
+
+# -- the indexed lease table behaves like the plain linear one ---------------------------------
+
+
+class _LinearLeases:
+    """The straightforward O(N) lease table the indexed one replaced: the reference."""
+
+    def __init__(self, first: IP, last: IP, hold: float) -> None:
+        self.first, self.last, self.hold = int(first), int(last), hold
+        self.by_mac: dict[str, tuple[IP, float, bool]] = {}
+        self.declined: dict[IP, float] = {}
+
+    def _owner(self, ip: IP, now: float) -> str | None:
+        return next((m for m, (i, exp, _) in self.by_mac.items() if i == ip and exp > now), None)
+
+    def _usable(self, ip: IP, mac: str, now: float) -> bool:
+        if not self.first <= int(ip) <= self.last or self.declined.get(ip, 0.0) > now:
+            return False
+        return self._owner(ip, now) in (None, mac)
+
+    def offer(self, mac: str, requested: IP | None, now: float) -> IP | None:
+        cur = self.by_mac.get(mac)
+        for ip in [c for c in (cur[0] if cur else None, requested) if c is not None]:
+            if self._usable(ip, mac, now):
+                break
+        else:
+            taken = {i for m, (i, exp, _) in self.by_mac.items() if exp > now and m != mac}
+            free = [IP(n) for n in range(self.first, self.last + 1)
+                    if IP(n) not in taken and self.declined.get(IP(n), 0.0) <= now]
+            if not free:
+                return None
+            ip = free[0]
+        if cur is not None and cur[2] and cur[0] == ip and cur[1] > now:
+            return ip
+        self.by_mac[mac] = (ip, now + self.hold, False)
+        return ip
+
+    def bind(self, mac: str, ip: IP, lease_time: int, now: float) -> bool:
+        if not self._usable(ip, mac, now):
+            return False
+        self.by_mac[mac] = (ip, now + lease_time, True)
+        return True
+
+    def release(self, mac: str, ip: IP | None = None) -> None:
+        cur = self.by_mac.get(mac)
+        if cur is not None and (ip is None or cur[0] == ip):
+            del self.by_mac[mac]
+
+    def decline(self, mac: str, ip: IP, now: float, quarantine: float) -> None:
+        self.release(mac, ip)
+        if self.first <= int(ip) <= self.last:
+            self.declined[ip] = now + quarantine
+
+
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["offer", "bind", "release", "decline"]), st.integers(0, 5),
+              st.one_of(st.none(), st.integers(0, 9)), st.integers(0, 40)),
+    max_size=60,
+)
+
+
+@given(_OPS)
+def test_indexed_lease_table_matches_the_linear_one(ops) -> None:
+    from lab.coordinator.pxe.dhcp import LeaseTable
+
+    first, last = IP("10.0.0.1"), IP("10.0.0.6")  # fewer addresses than MACs: exhaustion happens
+    fast, ref = LeaseTable(first, last, offer_hold=10), _LinearLeases(first, last, 10)
+    now = NOW
+    for op, m, ipn, dt in ops:
+        now += dt
+        mac = f"02:00:00:00:00:{m:02x}"
+        ip = IP(int(first) + ipn - 1) if ipn is not None else None  # 10.0.0.0 .. 10.0.0.9: some outside
+        if op == "offer":
+            assert fast.offer(mac, ip, now) == ref.offer(mac, ip, now)
+        elif op == "bind" and ip is not None:
+            assert fast.bind(mac, ip, 15, now) == ref.bind(mac, ip, 15, now)
+        elif op == "release":
+            fast.release(mac, ip)
+            ref.release(mac, ip)
+        elif op == "decline" and ip is not None:
+            fast.decline(mac, ip, now, 20)
+            ref.decline(mac, ip, now, 20)
+        assert {k: (v.ip, v.expires, v.bound) for k, v in fast.by_mac.items()} == ref.by_mac
+        for n in range(int(first) - 1, int(last) + 2):
+            assert fast.mac_for(IP(n), now) == ref._owner(IP(n), now)
+
+
+def test_a_storm_of_a_thousand_clients_gets_distinct_addresses_lowest_first() -> None:
+    from lab.coordinator.pxe.dhcp import LeaseTable
+
+    t = LeaseTable(IP("10.1.0.0"), IP("10.1.15.255"))
+    got = [t.offer(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", None, NOW) for i in range(1000)]
+    assert got == [IP(int(IP("10.1.0.0")) + i) for i in range(1000)]
