@@ -38,6 +38,7 @@ DEFAULT_HOME: Final = "/var/lib/lab"
 DEFAULT_RUNTIME_DIR: Final = "/run/lab"
 DEFAULT_SECRETS_DIR: Final = "/run/secrets"
 SOCKET_NAME: Final = "agent.sock"
+HOME_RUNTIME_SUBDIR: Final = "run"  # HOME/run/agent.sock, when it exists and no runtime dir is given (docs/CLUSTER.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +54,16 @@ class AgentConfig:
         cls, home: str | None = None, runtime_dir: str | None = None, secrets_dir: str | None = None,
         environ: dict[str, str] | None = None, **kw: Any,
     ) -> AgentConfig:
-        """Flags first, then $LAB_HOME / $LAB_RUNTIME_DIR / $LAB_SECRETS_DIR, then the defaults."""
+        """Flags first, then $LAB_HOME / $LAB_RUNTIME_DIR / $LAB_SECRETS_DIR, then the defaults (the
+        runtime dir: HOME/run when HOME/run/agent.sock exists, else /run/lab)."""
         env = os.environ if environ is None else environ
+        home_path = Path(home or env.get("LAB_HOME") or DEFAULT_HOME)
+        runtime = runtime_dir or env.get("LAB_RUNTIME_DIR")
+        if not runtime and (home_path / HOME_RUNTIME_SUBDIR / SOCKET_NAME).exists():
+            runtime = str(home_path / HOME_RUNTIME_SUBDIR)  # [cluster] as agent/localclient.socket_path
         return cls(
-            home=Path(home or env.get("LAB_HOME") or DEFAULT_HOME),
-            runtime_dir=Path(runtime_dir or env.get("LAB_RUNTIME_DIR") or DEFAULT_RUNTIME_DIR),
+            home=home_path,
+            runtime_dir=Path(runtime or DEFAULT_RUNTIME_DIR),
             secrets_dir=Path(secrets_dir or env.get("LAB_SECRETS_DIR") or DEFAULT_SECRETS_DIR),
             **kw,
         )

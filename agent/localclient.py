@@ -4,7 +4,8 @@ Imported by the fast path of ``lab``'s ``main()`` before anything else, so it im
 standard library's ``socket`` and ``msgpack``: no typer, no trio, no engine, no lab modules.
 The protocol is described in :mod:`lab.agent.delivery`.
 
-Socket: ``$LAB_RUNTIME_DIR/agent.sock``, default ``/run/lab/agent.sock``.
+Socket: ``$LAB_RUNTIME_DIR/agent.sock``, default ``/run/lab/agent.sock`` (or ``$LAB_HOME/run/agent.sock``
+when $LAB_RUNTIME_DIR is unset and that socket exists: see :func:`socket_path`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,23 @@ class AgentError(Exception):
         self.code = code
 
 
+HOME_RUNTIME_SUBDIR = "run"  # see socket_path
+
+
 def socket_path(environ: dict[str, str] | None = None) -> str:
+    """``$LAB_RUNTIME_DIR/agent.sock``; with $LAB_RUNTIME_DIR unset, ``$LAB_HOME/run/agent.sock``
+    when that socket exists (an agent of a local cluster, docs/CLUSTER.md); else /run/lab/agent.sock."""
     env = os.environ if environ is None else environ
-    return os.path.join(env.get("LAB_RUNTIME_DIR") or DEFAULT_RUNTIME_DIR, SOCKET_NAME)
+    runtime = env.get("LAB_RUNTIME_DIR")
+    if not runtime:
+        # [cluster] local-cluster rule: LAB_HOME=DIR/<node> acts as that node
+        home = env.get("LAB_HOME")
+        if home:
+            candidate = os.path.join(home, HOME_RUNTIME_SUBDIR, SOCKET_NAME)
+            if os.path.exists(candidate):
+                return candidate
+        runtime = DEFAULT_RUNTIME_DIR
+    return os.path.join(runtime, SOCKET_NAME)
 
 
 def _recv_exact(sock: _socket.socket, n: int) -> bytes:

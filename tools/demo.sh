@@ -34,3 +34,30 @@ echo "A mistake there is reported as file:line, e.g.:"
 printf 'labels:\n  broken:\n    ports: [443, 70000]\n' > "$LAB_HOME/definitions/zz-broken.yaml"
 lab validate || true
 rm "$LAB_HOME/definitions/zz-broken.yaml"
+
+# -- A local cluster: real processes on 127.0.0.1 (docs/CLUSTER.md) ------------------------------
+CLUSTER_DIR="$(mktemp -d /tmp/lab-cluster-demo.XXXXXX)/c"
+trap 'lab cluster down --dir "$CLUSTER_DIR" >/dev/null 2>&1 || true' EXIT
+echo
+echo "Now a cluster on this machine: a coordinator, 2 stores and 2 agents, each its own process and home."
+step lab cluster up --dir "$CLUSTER_DIR" --stores 2 --agent web-1=app,production --agent db-1=postgres,production
+printf '\n\033[1m$ printf %%s "correct horse battery staple" | LAB_HOME=%s lab secret set postgres/master-password\033[0m\n' "$CLUSTER_DIR/coordinator"
+printf %s "correct horse battery staple" | LAB_HOME="$CLUSTER_DIR/coordinator" lab secret set postgres/master-password
+for _ in $(seq 1 100); do  # delivery is a push from the stores: wait for it, at most 10 s
+  LAB_HOME="$CLUSTER_DIR/db-1" lab secret get postgres/master-password >/dev/null 2>&1 && break
+  sleep 0.1
+done
+printf '\n\033[1m$ LAB_HOME=%s lab secret get postgres/master-password\033[0m   # db-1 is labelled postgres\n' "$CLUSTER_DIR/db-1"
+LAB_HOME="$CLUSTER_DIR/db-1" lab secret get postgres/master-password; echo
+printf '\n\033[1m$ LAB_HOME=%s lab secret get postgres/master-password\033[0m   # web-1 is not\n' "$CLUSTER_DIR/web-1"
+if LAB_HOME="$CLUSTER_DIR/web-1" lab secret get postgres/master-password; then
+  echo "unexpected: web-1 got the secret" >&2; exit 1
+else
+  echo "(refused, exit status $?)"
+fi
+printf '\n\033[1m$ LAB_HOME=%s lab get servers\033[0m\n' "$CLUSTER_DIR/coordinator"
+LAB_HOME="$CLUSTER_DIR/coordinator" lab get servers
+step lab cluster status --dir "$CLUSTER_DIR"
+echo
+echo "(to keep a cluster running, start one yourself and stop it with: lab cluster down --dir DIR)"
+step lab cluster down --dir "$CLUSTER_DIR"
