@@ -18,6 +18,7 @@ case "${1:-test}" in
       swtpm swtpm-tools tpm2-tools systemd                  # agent: TPM-sealed cache key, unit verify
       puppet                                                # agent reporters: real puppet apply runs
       shellcheck curl                                       # PXE: the generated agent install script
+      openssh-server openssh-client                         # SSH onboarding against a real sshd
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac

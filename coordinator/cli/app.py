@@ -288,6 +288,7 @@ from lab.coordinator.cli import dash_cmd  # noqa: E402,F401  `lab dash`
 from lab.coordinator.cli import alerts_cmd  # noqa: E402,F401  `lab render/diff alerts`, health in show
 from lab.coordinator.cli import server_cmd, token_cmd  # noqa: E402,F401  `lab server run|connect`, `lab token …`
 from lab.coordinator.cli import describe_cmd  # noqa: E402,F401  `lab describe server NAME` (pillars in detail)
+from lab.coordinator.cli import onboard_cmd  # noqa: E402,F401  `lab onboard NAME --provider ssh` (docs/ONBOARDING.md)
 from lab.coordinator.cli import cluster_cmd  # noqa: E402,F401  `lab cluster up|status|stop|start|down|publish`
 
 
