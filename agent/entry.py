@@ -1,6 +1,8 @@
 """`lab-agent` entry point. `lab-agent run` (what systemd starts, and what must answer from the
-cache quickly after a restart) goes straight to the daemon without importing typer or the CLI's
-output helpers; every other command goes through the typer app in agent/cli.py."""
+cache quickly after a restart) and `lab-agent facts [-o json|table] [--raw]` (benchmarked against
+`facter -j`) go straight to their code without importing typer (which pulls in pydantic) or the
+CLI's output helpers; every other command, and any argument these fast paths do not recognise,
+goes through the typer app in agent/cli.py, so there is one source of usage messages."""
 
 from __future__ import annotations
 
@@ -46,10 +48,56 @@ def _fast_run(argv: list[str]) -> int | None:
     return 0
 
 
+def _fast_facts(argv: list[str]) -> int | None:
+    """`facts` with only `-o/--output json|table` and `--raw`: the same output as the typer
+    command in agent/cli.py (json.dump indent=2 + newline, or the text summary). Anything else
+    (yaml, help, a bad format) returns None for the full CLI."""
+    fmt, raw = "table", False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--raw":
+            raw = True
+        elif arg in ("-o", "--output"):
+            if i + 1 >= len(argv):
+                return None
+            fmt = argv[i + 1]
+            i += 1
+        elif arg.startswith("--output="):
+            fmt = arg.partition("=")[2]
+        else:
+            return None
+        i += 1
+    if fmt not in ("table", "json"):
+        return None
+    import json
+
+    from lab.agent.facts import collect_raw, parse_facts, render_text, suggest_labels
+
+    data = collect_raw()
+    if raw:
+        json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
+    parsed = parse_facts(data)
+    suggestions = suggest_labels(parsed)
+    if fmt == "json":
+        result = {"facts": parsed.to_dict(), "suggestions": [s.to_dict() for s in suggestions]}
+        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        render_text(parsed, suggestions, sys.stdout)
+    return 0
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["run"]:
         code = _fast_run(argv[1:])
+        if code is not None:
+            sys.exit(code)
+    if argv[:1] == ["facts"]:
+        code = _fast_facts(argv[1:])
         if code is not None:
             sys.exit(code)
     from lab.agent.cli import run

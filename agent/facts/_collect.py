@@ -41,7 +41,7 @@ def collect_raw(sources: Iterable[str] | None = None, root: str | os.PathLike[st
     rootp = pathlib.Path(root)
     collectors: dict[str, Callable[[], Any]] = {
         "host": _host,
-        "cpu": _cpuinfo,
+        "cpu": lambda: _cpuinfo(rootp),
         "psutil": _psutil,
         "udev": _udev,
         "nvml": _nvml,
@@ -49,10 +49,10 @@ def collect_raw(sources: Iterable[str] | None = None, root: str | os.PathLike[st
         "os": lambda: _read_text(rootp / "etc/os-release") or _read_text(rootp / "usr/lib/os-release"),
     }
     keys = {"host": "host", "cpu": "cpuinfo", "psutil": "psutil", "udev": "udev", "nvml": "nvml", "virt": "virt", "os": "os_release"}
+    results = _run_all({name: collectors[name] for name in wanted})
     for name in wanted:
-        try:
-            value = collectors[name]()
-        except Exception as exc:  # a fact source must never take the agent down
+        value, exc = results[name]
+        if exc is not None:  # a fact source must never take the agent down
             raw["notes"].append(f"{name}: {_describe(exc)}")
             continue
         if isinstance(value, _Noted):
@@ -64,6 +64,32 @@ def collect_raw(sources: Iterable[str] | None = None, root: str | os.PathLike[st
             continue
         raw[keys[name]] = value
     return raw
+
+
+def _run_all(fns: dict[str, Callable[[], Any]]) -> dict[str, tuple[Any, BaseException | None]]:
+    """Run independent sources side by side: most of their time is imports, syscalls and
+    waiting on systemd-detect-virt, so threads overlap it. Results keep no order of their own;
+    the caller walks :data:`SOURCES` order, so the raw output is the same as a serial run."""
+    results: dict[str, tuple[Any, BaseException | None]] = {}
+
+    def run(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            results[name] = (fn(), None)
+        except Exception as exc:
+            results[name] = (None, exc)
+
+    if len(fns) <= 1:
+        for name, fn in fns.items():
+            run(name, fn)
+        return results
+    import threading
+
+    threads = [threading.Thread(target=run, args=(name, fn), name=f"facts-{name}", daemon=True) for name, fn in fns.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 class _Noted:
@@ -94,12 +120,94 @@ def _host() -> dict[str, Any]:
     return {"hostname": u.node, "system": u.system, "kernel": u.release, "machine": u.machine}
 
 
-def _cpuinfo() -> dict[str, Any]:
+def _cpuinfo(root: pathlib.Path | None = None) -> dict[str, Any]:
+    """Model, vendor, arch and count. On Linux straight from ``/proc/cpuinfo`` (a file read: about a
+    millisecond); py-cpuinfo, which runs itself in a subprocess and costs over a second, only where
+    that file is missing or says nothing useful (other platforms)."""
+    text = _read_text((root or pathlib.Path("/")) / "proc/cpuinfo")
+    if text is not None:
+        info = parse_proc_cpuinfo(text, platform.machine())
+        if info.get("brand_raw") or info.get("vendor_id_raw"):
+            info["count"] = os.cpu_count() or info.get("count")
+            return info
     import cpuinfo  # py-cpuinfo
 
     info = cpuinfo.get_cpu_info()
     keys = ("brand_raw", "arch", "arch_string_raw", "bits", "count", "vendor_id_raw")
     return {k: info.get(k) for k in keys if k in info}
+
+
+# Arm "CPU implementer" codes → the vendor names py-cpuinfo reports (and _parse.CPU_VENDORS knows).
+ARM_IMPLEMENTERS = {
+    0x41: "ARM", 0x42: "Broadcom", 0x43: "Cavium", 0x46: "Fujitsu", 0x48: "HiSilicon", 0x4E: "NVIDIA",
+    0x50: "APM", 0x51: "Qualcomm", 0x53: "Samsung", 0x61: "Apple", 0x6D: "Microsoft", 0xC0: "Ampere",
+}
+# (implementer, part) → core name, for Arm hosts whose /proc/cpuinfo has no "model name".
+ARM_PARTS = {
+    (0x41, 0xD03): "Cortex-A53", (0x41, 0xD04): "Cortex-A35", (0x41, 0xD05): "Cortex-A55", (0x41, 0xD07): "Cortex-A57",
+    (0x41, 0xD08): "Cortex-A72", (0x41, 0xD09): "Cortex-A73", (0x41, 0xD0A): "Cortex-A75", (0x41, 0xD0B): "Cortex-A76",
+    (0x41, 0xD0C): "Neoverse-N1", (0x41, 0xD0D): "Cortex-A77", (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD41): "Cortex-A78",
+    (0x41, 0xD44): "Cortex-X1", (0x41, 0xD46): "Cortex-A510", (0x41, 0xD47): "Cortex-A710", (0x41, 0xD48): "Cortex-X2",
+    (0x41, 0xD49): "Neoverse-N2", (0x41, 0xD4D): "Cortex-A715", (0x41, 0xD4E): "Cortex-X3", (0x41, 0xD4F): "Neoverse-V2",
+    (0x41, 0xD80): "Cortex-A520", (0x41, 0xD81): "Cortex-A720", (0x41, 0xD82): "Cortex-X4", (0x41, 0xD84): "Neoverse-V3",
+    (0x41, 0xD85): "Cortex-X925", (0x41, 0xD87): "Cortex-A725", (0x41, 0xD8E): "Neoverse-N3",
+    (0x61, 0x022): "Icestorm-M1", (0x61, 0x023): "Firestorm-M1", (0x61, 0x032): "Blizzard-M2", (0x61, 0x033): "Avalanche-M2",
+    (0xC0, 0xAC3): "Ampere-1", (0xC0, 0xAC4): "Ampere-1a",
+}
+# Keys that name the CPU model, by architecture: x86 "model name", ppc "cpu", s390 "machine",
+# riscv "uarch", older arm "Processor", mips "cpu model".
+_MODEL_KEYS = ("model name", "cpu model", "uarch", "cpu", "Processor")
+_BITS = {"x86_64": 64, "aarch64": 64, "ppc64le": 64, "ppc64": 64, "riscv64": 64, "s390x": 64, "loongarch64": 64}
+
+
+def parse_proc_cpuinfo(text: str, machine: str) -> dict[str, Any]:
+    """``/proc/cpuinfo`` → the py-cpuinfo subset the parser reads (``brand_raw``, ``vendor_id_raw``,
+    ``arch_string_raw``, ``bits``, ``count``) plus ``source``. ``count`` is the number of
+    ``processor`` entries here; :func:`_cpuinfo` replaces it with ``os.cpu_count()``. Pure."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if not line.strip() and current:
+                blocks.append(current)
+                current = {}
+            continue
+        current.setdefault(key.strip(), value.strip())
+    if current:
+        blocks.append(current)
+    procs = [b for b in blocks if "processor" in b and b["processor"].isdigit()]
+    everything = {k: v for b in reversed(blocks) for k, v in b.items()}  # first value wins
+    out: dict[str, Any] = {"source": "/proc/cpuinfo", "arch_string_raw": machine}
+    if machine in _BITS:
+        out["bits"] = _BITS[machine]
+    if procs:
+        out["count"] = len(procs)
+    brand = next((everything[k] for k in _MODEL_KEYS if everything.get(k)), None)
+    vendor = everything.get("vendor_id") or everything.get("vendor") or None
+    implementer = _hex(everything.get("CPU implementer"))
+    if implementer is not None:
+        vendor = ARM_IMPLEMENTERS.get(implementer, vendor or f"0x{implementer:02x}")
+        if brand is None:  # aarch64: name the cores from their part numbers, in order of appearance
+            names: list[str] = []
+            for b in procs or blocks:
+                part = _hex(b.get("CPU part"))
+                name = ARM_PARTS.get((implementer, part)) if part is not None else None
+                if name and name not in names:
+                    names.append(name)
+            brand = " + ".join(names) or None
+    if brand:
+        out["brand_raw"] = brand
+    if vendor:
+        out["vendor_id_raw"] = vendor
+    return out
+
+
+def _hex(value: str | None) -> int | None:
+    try:
+        return int(value, 16) if value else None
+    except ValueError:
+        return None
 
 
 def _psutil() -> _Noted:
@@ -282,13 +390,21 @@ def _virt(root: pathlib.Path) -> _Noted:
     tool = shutil.which("systemd-detect-virt")
     if tool:
         detected: dict[str, str] = {}
-        for kind in ("vm", "container"):
+        procs: dict[str, subprocess.Popen[str]] = {}
+        for kind in ("vm", "container"):  # both at once: each is a process start
             try:
-                r = subprocess.run(
-                    [tool, f"--{kind}"], capture_output=True, text=True, timeout=DETECT_VIRT_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False
+                procs[kind] = subprocess.Popen(
+                    [tool, f"--{kind}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True
                 )
-                detected[kind] = r.stdout.strip() or "none"
+            except OSError as exc:
+                notes.append(f"systemd-detect-virt --{kind}: {_describe(exc)}")
+        for kind, proc in procs.items():
+            try:
+                stdout, _ = proc.communicate(timeout=DETECT_VIRT_TIMEOUT_S)
+                detected[kind] = stdout.strip() or "none"
             except (OSError, subprocess.SubprocessError) as exc:
+                proc.kill()
+                proc.wait()
                 notes.append(f"systemd-detect-virt --{kind}: {_describe(exc)}")
         if detected:
             out["systemd_detect_virt"] = detected

@@ -1,6 +1,6 @@
 """Benchmark: the agent daemon — start-to-first-answer from cache with no store, idle RSS and CPU.
 
-    .venv/bin/python tests/bench/bench_agent.py [--secrets 100] [--starts 10] [--idle 10]
+    .venv/bin/python tests/bench/bench_agent.py [--secrets 100] [--starts 20] [--idle 10]
 
 Every store is "down" (none is configured at all: the sync component is not wired yet), so each
 start measures the offline-first path: spawn `lab-agent run` → first successful `agent.get` reply
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -41,7 +42,7 @@ def status_kb(pid: int, key: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--secrets", type=int, default=100)
-    ap.add_argument("--starts", type=int, default=10)
+    ap.add_argument("--starts", type=int, default=20)
     ap.add_argument("--idle", type=float, default=10.0)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lab-bench-agent-"))
@@ -54,6 +55,7 @@ def main() -> None:
     subprocess.run([str(BIN / "lab-agent"), "cache", "import", "--from", str(seed)], env=env, check=True, capture_output=True)
     times = []
     proc = None
+    load_before = os.getloadavg()
     try:
         for i in range(args.starts + 1):
             t0 = time.monotonic()
@@ -71,9 +73,13 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=10)
         assert proc is not None
-        print(f"secrets={args.secrets} cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
+        load = os.getloadavg()
+        p90 = statistics.quantiles(times, n=10)[-1] if len(times) >= 2 else times[0]
+        print(f"machine: {platform.node()} {platform.machine()} {platform.platform()} cpus={os.cpu_count()} python={platform.python_version()}")
+        print(f"command: {BIN / 'lab-agent'} run  (cache of {args.secrets} secrets, no store configured)")
+        print(f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, after {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
         print(
-            f"start-to-first-answer (no store reachable): median {statistics.median(times) * 1000:.0f} ms, "
+            f"start-to-first-answer (no store reachable): median {statistics.median(times) * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms, "
             f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {len(times)} starts (target < 300 ms)"
         )
         time.sleep(1.0)

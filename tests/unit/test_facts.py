@@ -35,6 +35,7 @@ from lab.agent.facts import (
     render_text,
     suggest_labels,
 )
+from lab.agent.facts._collect import parse_proc_cpuinfo
 from lab.agent.facts._parse import clean_cpu_model
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "facts"
@@ -83,6 +84,7 @@ EXPECTED = {
     "epyc7763-a100-server.json": ["compute", "high-memory", "cuda", "ai-training", "storage", "high-bandwidth"],
     "dgx-spark-gb10.json": ["cuda", "ai-inference", "arm"],
     "kvm-epyc-2vcpu-vm.json": [],
+    "kvm-epyc-2vcpu-vm-proc.json": [],
     "mac-mini-m2-asahi.json": ["arm"],
     "nuc12-homelab.json": [],
 }
@@ -445,13 +447,13 @@ def test_nvml_devices_are_read_and_unified_memory_recognised(monkeypatch) -> Non
     )
 
 
-def test_a_failing_source_is_a_note_not_an_exception(monkeypatch) -> None:
+def test_a_failing_source_is_a_note_not_an_exception(monkeypatch, tmp_path: pathlib.Path) -> None:
     # A stand-in module: importing the real py-cpuinfo runs `file` in a subprocess.
     def boom():
         raise RuntimeError("cpuid exploded")
 
     monkeypatch.setitem(sys.modules, "cpuinfo", types.SimpleNamespace(get_cpu_info=boom))
-    raw = collect_raw(sources=["cpu"])
+    raw = collect_raw(sources=["cpu"], root=tmp_path)  # no /proc/cpuinfo there: py-cpuinfo is asked
     assert "cpuinfo" not in raw and raw["notes"] == ["cpu: RuntimeError: cpuid exploded"]
 
 
@@ -528,3 +530,86 @@ def test_cli_bad_format_exits_2(server, capsys) -> None:
     assert cli.run(["facts", "-o", "xml"]) == 2
     err = capsys.readouterr().err
     assert "xml" in err and "Traceback" not in err
+
+
+# -- /proc/cpuinfo (the Linux CPU source; py-cpuinfo is the fallback) -------------------------
+
+CPUINFO = FIXTURES / "cpuinfo"
+
+
+def test_proc_cpuinfo_x86_captured() -> None:
+    # Captured on the development VM (tests/fixtures/facts/cpuinfo/README.md).
+    ci = parse_proc_cpuinfo((CPUINFO / "x86_64-kvm-epyc-2vcpu.txt").read_text(), "x86_64")
+    assert ci == {
+        "source": "/proc/cpuinfo",
+        "arch_string_raw": "x86_64",
+        "bits": 64,
+        "count": 2,
+        "brand_raw": "AMD EPYC",
+        "vendor_id_raw": "AuthenticAMD",
+    }
+    # Same facts as the py-cpuinfo capture from the same machine.
+    old = load("kvm-epyc-2vcpu-vm.json")
+    new = dict(old, cpuinfo=ci)
+    assert parse_facts(new).cpu == parse_facts(old).cpu
+
+
+def test_proc_cpuinfo_aarch64_handwritten() -> None:
+    # HAND-WRITTEN aarch64 layout (not a capture): no "model name", cores named by implementer/part.
+    ci = parse_proc_cpuinfo((CPUINFO / "aarch64-handwritten-gb10-like.txt").read_text(), "aarch64")
+    assert ci == {
+        "source": "/proc/cpuinfo",
+        "arch_string_raw": "aarch64",
+        "bits": 64,
+        "count": 4,
+        "brand_raw": "Cortex-A725 + Cortex-X925",
+        "vendor_id_raw": "ARM",
+    }
+    cpu = parse_facts({"cpuinfo": ci, "host": {"machine": "aarch64"}}).cpu
+    assert (cpu.arch, cpu.vendor, cpu.model, cpu.threads) == ("aarch64", "ARM", "Cortex-A725 + Cortex-X925", 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "machine", "brand", "vendor"),
+    [
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\n", "x86_64", "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", "GenuineIntel"),
+        ("processor\t: 0\nCPU implementer\t: 0x61\nCPU part\t: 0x033\n", "aarch64", "Avalanche-M2", "Apple"),
+        ("processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xfff\n", "aarch64", None, "ARM"),
+        ("processor\t: 0\nCPU implementer\t: 0x99\nCPU part\t: 0x001\n", "aarch64", None, "0x99"),
+        ("processor\t: 0\ncpu\t\t: POWER9 (architected), altivec supported\n", "ppc64le", "POWER9 (architected), altivec supported", None),
+        ("processor\t: 0\nmodel name\t: ARMv7 Processor rev 4 (v7l)\nCPU implementer\t: 0x41\nCPU part\t: 0xd03\n", "armv7l", "ARMv7 Processor rev 4 (v7l)", "ARM"),
+    ],
+)
+def test_proc_cpuinfo_variants(text: str, machine: str, brand, vendor) -> None:
+    ci = parse_proc_cpuinfo(text, machine)
+    assert (ci.get("brand_raw"), ci.get("vendor_id_raw"), ci["count"]) == (brand, vendor, 1)
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n\n\n", "processor : x\nCPU implementer : zz\n"])
+def test_proc_cpuinfo_garbage_is_empty_not_an_error(text: str) -> None:
+    ci = parse_proc_cpuinfo(text, "x86_64")
+    assert "brand_raw" not in ci and "vendor_id_raw" not in ci
+
+
+def test_cpu_source_reads_proc_cpuinfo_under_root_without_py_cpuinfo(tmp_path: pathlib.Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "cpuinfo", None)  # importing py-cpuinfo would fail
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text((CPUINFO / "x86_64-kvm-epyc-2vcpu.txt").read_text())
+    raw = collect_raw(sources=["cpu"], root=tmp_path)
+    assert raw["notes"] == [] and raw["cpuinfo"]["brand_raw"] == "AMD EPYC" and raw["cpuinfo"]["source"] == "/proc/cpuinfo"
+
+
+def test_cpu_source_falls_back_to_py_cpuinfo_when_proc_says_nothing(tmp_path: pathlib.Path, monkeypatch) -> None:
+    info = {"brand_raw": "Apple M2", "arch": "ARM_8", "arch_string_raw": "arm64", "bits": 64, "count": 8, "vendor_id_raw": "Apple", "hz": 1}
+    monkeypatch.setitem(sys.modules, "cpuinfo", types.SimpleNamespace(get_cpu_info=lambda: info))
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text("garbage\n")
+    raw = collect_raw(sources=["cpu"], root=tmp_path)
+    assert raw["cpuinfo"] == {k: v for k, v in info.items() if k != "hz"}
+
+
+def test_proc_cpuinfo_capture_parses_to_the_same_facts_as_the_py_cpuinfo_capture() -> None:
+    # Both captured on the development VM, before and after the CPU source moved to /proc/cpuinfo.
+    old, new = load("kvm-epyc-2vcpu-vm.json"), load("kvm-epyc-2vcpu-vm-proc.json")
+    assert new["cpuinfo"]["source"] == "/proc/cpuinfo" and "source" not in old["cpuinfo"]
+    assert parse_facts(new) == parse_facts(old)
