@@ -7,7 +7,8 @@
                           ├─ store.sync  (stream)   agents: SyncRequest → SyncUpdate, then pushes
                           ├─ store.fetch           agents: one entitled secret
                           ├─ store.set / .delete / .publish    admin or coordinator certificates
-                          └─ store.status          admin, coordinator or store certificates
+                          ├─ store.status          admin, coordinator or store certificates
+                          └─ store.meta            admin or coordinator: per-path metadata, no values
     one link per --peer endpoint: connect, reconnect with backoff and jitter, carry eager pushes
     anti-entropy: every ``interval`` (± jitter) one exchange with a random connected member
     tombstone GC after each anti-entropy round
@@ -238,6 +239,7 @@ class StoreNode:
         self.links = [PeerLink(p) for p in peers]
         self.met: set[str] = set()  # store names seen with a valid "store" certificate
         self.agents = 0
+        self.last_anti_entropy: float | None = None  # when this node last completed an exchange it drove
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -282,6 +284,10 @@ class StoreNode:
             if not STATUS_ROLES.intersection(peer.roles):
                 raise AuthError(f"certificate {peer.name!r} may not read store status")
             return self.status()
+        if method == "store.meta":  # read-only metadata for `lab get secrets` (never values)
+            if not WRITER_ROLES.intersection(peer.roles):
+                raise AuthError(f"certificate {peer.name!r} may not read secret metadata (needs the admin or coordinator role)")
+            return self.meta()
         raise UsageError(f"unknown method {method[:64]!r}")
 
     @staticmethod
@@ -385,12 +391,20 @@ class StoreNode:
             "node": self.name, "records": len(self.dataset), "root": self.dataset.root().hex(), "seq": self.dataset.seq,
             "policy": e.policy.version if e.policy else None, "revocations": e.revocations.version if e.revocations else None,
             "members": list(self.gossip.peers), "agents": self.agents, "stats": dict(self.gossip.stats),
+            "secrets": sum(1 for r in self.dataset.records() if not r.is_system), "last_anti_entropy": self.last_anti_entropy,
             "peers": [
                 {"endpoint": ln.endpoint, "name": ln.name, "connected": ln.conn is not None and not ln.conn.closed,
                  "since": ln.since, "last_error": ln.last_error}
                 for ln in self.links
             ],
         }
+
+    def meta(self) -> dict[str, Any]:
+        """``{path: {version, set_by, set_at, type}}`` of every live non-system record (no values,
+        no ciphertext): what `lab get secrets` shows as LAST ROTATED / SET BY."""
+        return {"node": self.name, "records": {
+            r.path: {"version": r.wall_ms, "set_by": r.meta.set_by, "set_at": r.meta.set_at, "type": r.meta.type}
+            for r in self.dataset.records() if not r.is_system and r.meta is not None}}
 
     # -- peer links --------------------------------------------------------------------------------
 
@@ -460,6 +474,7 @@ class StoreNode:
             for raw in msgs:
                 for _, out in self.gossip.receive(name, decode_message_untrusted(raw), _now_ms()):
                     pending.append(out)
+        self.last_anti_entropy = time.time()
 
     async def anti_entropy(self) -> None:
         while True:

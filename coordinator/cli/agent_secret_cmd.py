@@ -127,9 +127,18 @@ def status_lines(s: dict[str, Any], now: float) -> list[tuple[str, str]]:
 
 
 @secret_app.command("status")
-def secret_status(output: base.Output = "table") -> None:
+def secret_status(
+    output: base.Output = "table",
+    store: Annotated[bool, typer.Option("--store", help="The secret store instead: replicas, sync state, counts, consumers.")] = False,
+    definitions: base.Definitions = None,
+) -> None:
     """Secret distribution as this host's agent sees it: local cache, store and server connections."""
     fmt = base._format(output)
+    if store:  # [secret-store] the stores' view: coordinator/cli/secret_cmd.py (every configured replica)
+        from lab.coordinator.cli.secret_cmd import render_store_status, store_status
+
+        emit(store_status(definitions), fmt, render_store_status)
+        return
     st = _call({"t": "agent.status"})["status"]
     now = time.time()
 

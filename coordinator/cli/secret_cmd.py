@@ -79,6 +79,13 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _cluster_stores(home: pathlib.Path) -> list[str]:
+    """config.yaml ``stores:`` (a cluster, docs/CLUSTER.md); empty: local mode."""
+    from lab.coordinator.cluster import configured_stores
+
+    return configured_stores(home)
+
+
 @secret_app.command("set")
 def secret_set(
     path: str,
@@ -158,9 +165,17 @@ def secret_rotate(
         else:
             targets = [path]
         values = [generate(gen, length) for _ in targets]  # refuse unknown generators before writing
-        with _open_store(engine.paths.home, create=True) as ds:
+        stores = _cluster_stores(engine.paths.home)
+        if stores:  # [cluster] to the cluster's stores, as `secret set` does
+            from lab.coordinator.cluster import remote_set
+
             for stored, value in zip(targets, values):
-                ds.write(stored, value, _meta_for(defined, "dynamic", None), _now_ms())
+                logical, _, for_node = stored.partition("@")
+                remote_set(engine.paths.home, stores, logical, value, _meta_for(defined, "dynamic", None), for_node or None)
+        else:
+            with _open_store(engine.paths.home, create=True) as ds:
+                for stored, value in zip(targets, values):
+                    ds.write(stored, value, _meta_for(defined, "dynamic", None), _now_ms())
     print(f"  ✓ Rotated {len(targets)} value{'s' if len(targets) != 1 else ''} of {path} ({gen})")
 
 
@@ -169,9 +184,20 @@ def secret_rm(path: str, node: Annotated[str | None, typer.Option("--node", help
               definitions: Definitions = None) -> None:
     """Delete a secret's value (a tombstone that replicates to every store)."""
     stored = machine_path(path, node) if node else check_path(path)
-    with _engine(definitions) as engine, _open_store(engine.paths.home, create=False) as ds:
-        if ds.delete(stored, _now_ms()) is None:
-            raise NotFound(f"secret {stored!r} has no value")
+    with _engine(definitions) as engine:
+        stores = _cluster_stores(engine.paths.home)
+        if stores:  # [cluster] a tombstone written at the first reachable store; gossip carries it
+            from lab.coordinator.cluster import store_call
+
+            _ep, reply = store_call(engine.paths.home, stores, "store.delete", {"path": stored})[0]
+            if isinstance(reply, Exception):
+                raise reply
+            if not reply.get("deleted"):
+                raise NotFound(f"secret {stored!r} has no value")
+        else:
+            with _open_store(engine.paths.home, create=False) as ds:
+                if ds.delete(stored, _now_ms()) is None:
+                    raise NotFound(f"secret {stored!r} has no value")
     print(f"  ✓ Removed {stored}")
 
 
@@ -230,27 +256,277 @@ def secret_recover(
     print(f"  ✓ Recovered {n} records into {d}")
 
 
-def store_status(definitions: str | None = None) -> dict[str, Any]:
-    """The local store's view for ``lab secret status --store`` (local mode: one replica).
+# ---------------------------------------------------------------------------------------------
+# Store metadata (LAST ROTATED, SET BY) and the "why" of `lab show secret` — read by Engine.get_secrets
+# and Engine.show_secret (plain data; views.secrets_table / views.secret render it). Never values.
 
-    Not registered as a command here: ``lab secret status`` belongs to the agent commands
-    (:mod:`lab.coordinator.cli.agent_secret_cmd`), whose ``--store`` should print this."""
+
+def _local_meta(home: pathlib.Path) -> dict[str, dict[str, Any]]:
+    with _open_store(home, create=False) as ds:
+        return {r.path: {"version": r.wall_ms, "set_by": r.meta.set_by, "set_at": r.meta.set_at, "type": r.meta.type}
+                for r in ds.records() if not r.is_system and r.meta is not None}
+
+
+def _remote_meta(home: pathlib.Path, stores: list[str]) -> dict[str, dict[str, Any]]:
+    """``store.meta`` of the first store that answers (admin identity of ``home``)."""
+    from lab.coordinator.cluster import store_call
+
+    _ep, reply = store_call(home, stores, "store.meta", {})[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return dict(reply.get("records") or {})
+
+
+def _inside_trio() -> bool:
+    try:
+        import trio
+
+        trio.lowlevel.current_task()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def store_metadata(home: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """``({stored path: {version, set_by, set_at, type}}, warning)``: from the local store in
+    ``home/store`` when there is one, else from the configured stores. ``(None, None)``: no store at
+    all (nothing set yet); ``(None, warning)``: stores configured but none answered."""
+    from lab.common.errors import LabError
+
+    home = pathlib.Path(home)
+    try:
+        if (_store_dir(home) / "data.mdb").exists():
+            return _local_meta(home), None
+        stores = _cluster_stores(home)
+        if not stores:
+            return None, None
+        if _inside_trio():  # the coordinator daemon answering a remote `lab`: never block its event loop
+            return None, "secret store metadata is not read inside the coordinator daemon; LAST ROTATED not shown"
+        return _remote_meta(home, stores), None
+    except (LabError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"secret store unreachable, LAST ROTATED not shown ({first[:160]})"
+
+
+def rotation_of(records: dict[str, dict[str, Any]], path: str) -> dict[str, Any] | None:
+    """The newest value of ``path`` (any node's, for a per-machine secret): set_at (ms), set_by,
+    and how many are stored (``PATH@NODE`` counted)."""
+    mine = [m for p, m in records.items() if p == path or p.partition("@")[0] == path]
+    if not mine:
+        return None
+    last = max(mine, key=lambda m: (m.get("set_at") or 0, m.get("version") or 0))
+    return {"set_at": last.get("set_at"), "set_by": last.get("set_by"), "stored": len(mine)}
+
+
+def _date(ms: int | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) if ms else None
+
+
+def annotate_rotation(home: pathlib.Path, rows: list[dict[str, Any]], warnings: list[str]) -> None:
+    """``lab get secrets``: add ``last_rotated`` (UTC ``YYYY-MM-DD HH:MM``), ``last_rotated_ms``,
+    ``set_by``, ``stored`` (how many stored copies: per-machine ones counted) to each row (None when unset or unknown)."""
+    records, warning = store_metadata(home)
+    if warning:
+        warnings.append(warning)
+    for row in rows:
+        r = rotation_of(records or {}, row["path"]) if records is not None else None
+        row["last_rotated_ms"] = r["set_at"] if r else None
+        row["last_rotated"] = _date(r["set_at"]) if r else None
+        row["set_by"] = r["set_by"] if r else None
+        row["stored"] = r["stored"] if r else (0 if records is not None else None)
+
+
+def parse_source(src: str) -> dict[str, Any]:
+    """A policy source (coordinator/policy.py) as data:
+
+    ``label:mailserver`` → ``{"label": "mailserver", "classes": [], "call": None}``;
+    ``label:web → class:web → class:web::tls (modules/web/manifests/init.pp:4) → modules/web/manifests/tls.pp:2``
+    → ``{"label": "web", "classes": [{"name": "web", "declared_at": None},
+    {"name": "web::tls", "declared_at": "modules/web/manifests/init.pp:4"}], "call": "modules/web/manifests/tls.pp:2"}``."""
+    parts = src.split(" → ")
+    kind, _, name = parts[0].partition(":")
+    out: dict[str, Any] = {"kind": kind, "label": name if kind == "label" else None, "origin": parts[0], "classes": [], "call": None}
+    for step in parts[1:]:
+        if step.startswith("class:"):
+            cname, _, rest = step[len("class:"):].partition(" (")
+            out["classes"].append({"name": cname, "declared_at": rest[:-1] if rest.endswith(")") else None})
+        else:
+            out["call"] = step
+    return out
+
+
+def secret_reasons(engine: Any, path: str) -> dict[str, Any]:
+    """Who is entitled to ``path`` and why, from the compiled policy (labels' ``secrets:`` and the
+    ``lab::secret`` calls of the Puppet classes they apply), plus what the store knows of it.
+
+    Keys: ``grants`` (one per distinct reason: source, parsed steps, servers), ``unapplied`` (code
+    references under labels no server carries), ``entitled`` (server → sources), ``per_machine_set``,
+    ``last_set``/``last_set_by``, ``modules`` and ``policy_warnings`` (only those naming this path)."""
+    d = engine.definitions
+    modules = _modules(None, engine.paths.definitions)
+    servers = engine.state.list_servers()
+    compiled = compile_policy(d, servers, modules)
+    consumers = compiled.consumers(path)
+    fleet = engine.fleet()
+    by_source: dict[str, list[str]] = {}
+    for node, sources in consumers.items():
+        for src in dict.fromkeys(sources):
+            by_source.setdefault(src, []).append(node)
+
+    from lab.coordinator.engine import _provider
+
+    def provider(n: str) -> str:
+        try:
+            return str(_provider(fleet, n))
+        except Exception:  # noqa: BLE001  (a server the fleet does not know: still listed)
+            return "?"
+
+    grants = [{"source": src, **parse_source(src), "servers": [{"name": n, "provider": provider(n)} for n in sorted(names)]}
+              for src, names in sorted(by_source.items(), key=lambda kv: (" → " in kv[0], kv[0]))]
+    # code references under labels that no server carries yet: not in the per-server grants
+    applied = {g["label"] for g in grants}
+    unapplied = []
+    for label in d.labels.values():
+        if label.name in applied:
+            continue
+        if path in label.secrets:
+            unapplied.append({"label": label.name, "class": None, "call": None})
+        for cls in label.puppet_classes:
+            for ref in compiled.class_refs.get(cls.lstrip(":"), ()):
+                if ref.path == path:
+                    unapplied.append({"label": label.name, "class": cls, "call": ref.where})
+    records, warning = store_metadata(engine.paths.home)
+    if warning:
+        engine.state.warnings.append(warning)
+    rot = rotation_of(records or {}, path) if records is not None else None
+    per_machine = None
+    if path in compiled.per_machine:
+        have = {p.partition("@")[2] for p in (records or {}) if p.partition("@")[0] == path and "@" in p}
+        per_machine = [{"server": n, "set": (n in have) if records is not None else None} for n in sorted(consumers)]
+    return {
+        "grants": grants,
+        "unapplied": unapplied,
+        "entitled": {n: list(dict.fromkeys(s)) for n, s in consumers.items()},
+        "per_machine_set": per_machine,
+        "last_set": _date(rot["set_at"]) if rot else None,
+        "last_set_by": rot["set_by"] if rot else None,
+        "store_known": records is not None,
+        "modules": str(modules) if modules else None,
+        "policy_warnings": [w for w in compiled.warnings if path in w],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# `lab secret status --store`
+
+
+def _status_of(home: pathlib.Path, endpoint: str) -> dict[str, Any]:
+    """One configured store's ``store.status`` (raises when unreachable)."""
+    from lab.coordinator.cluster import store_call
+
+    _ep, reply = store_call(home, [endpoint], "store.status", {})[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return dict(reply)
+
+
+def _consumers_per_label(engine: Any) -> list[dict[str, Any]]:
+    """Per label: its servers, and how many secrets each of them is entitled to through it."""
+    compiled = compile_policy(engine.definitions, engine.state.list_servers(), _modules(None, engine.paths.definitions))
+    per: dict[str, dict[str, set[str]]] = {}
+    for node, grants in compiled.grants.items():
+        for p, sources in grants.items():
+            for src in sources:
+                label = parse_source(src)["label"]
+                if label:
+                    per.setdefault(label, {}).setdefault(node, set()).add(p)
+    out = []
+    for label, nodes in sorted(per.items()):
+        counts = sorted({len(ps) for ps in nodes.values()})
+        out.append({"label": label, "machines": len(nodes), "secrets": counts[-1],
+                    "secrets_min": counts[0], "paths": sorted(set().union(*nodes.values()))})
+    return out
+
+
+def store_status(definitions: str | None = None) -> dict[str, Any]:
+    """``lab secret status --store``: every configured store's view (config.yaml ``stores:``), else
+    the local store in ``$LAB_HOME/store``. An unreachable store is a row, not an error."""
+    from lab.common.errors import LabError
+
     with _engine(definitions) as engine:
-        d = _store_dir(engine.paths.home)
+        home = engine.paths.home
+        stores = _cluster_stores(home)
+        consumers = _consumers_per_label(engine)
+        if stores:
+            replicas = []
+            for ep in stores:
+                try:
+                    st = _status_of(home, ep)
+                except (LabError, OSError) as exc:
+                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    replicas.append({"name": None, "endpoint": ep, "state": "unreachable", "reachable": False, "error": msg[:200]})
+                    continue
+                peers = st.get("peers") or []
+                replicas.append({
+                    "name": st.get("node"), "endpoint": ep, "state": "reachable", "reachable": True,
+                    "secrets": st.get("secrets"), "records": st.get("records"), "root": st.get("root"),
+                    "policy": st.get("policy"), "agents": st.get("agents"),
+                    "last_anti_entropy": st.get("last_anti_entropy"),
+                    "peers_connected": sum(1 for p in peers if p.get("connected")), "peers": len(peers),
+                })
+            up = [r for r in replicas if r["reachable"]]
+            roots = {r["root"] for r in up}
+            for r in up:
+                r["in_sync"] = len(roots) == 1
+            return {"mode": "cluster", "replicas": replicas, "reachable": len(up), "total": len(replicas),
+                    "secrets": max((r["secrets"] or 0 for r in up), default=None), "in_sync": len(roots) <= 1 and bool(up),
+                    "consumers": consumers}
+        d = _store_dir(home)
         if not (d / "data.mdb").exists():
-            raise NotFound(f"no local secret store in {d}")
-        with _open_store(engine.paths.home, create=False) as ds:
+            raise NotFound(f"no local secret store in {d} and no stores configured (config.yaml `stores:`)")
+        with _open_store(home, create=False) as ds:
             live = sum(1 for r in ds.records() if not r.is_system)
             return {
-                "store": str(d), "node": ds.node, "secrets": live, "tombstones": len(ds.tombstones()),
+                "mode": "local", "store": str(d), "node": ds.node, "secrets": live, "tombstones": len(ds.tombstones()),
                 "sequence": ds.seq, "root": ds.root().hex(), "acks": ds.acks(),
-                "replicas": [{"name": ds.node, "state": "local", "secrets": live}],
+                "replicas": [{"name": ds.node, "endpoint": str(d), "state": "local", "reachable": True, "secrets": live,
+                              "records": live, "last_anti_entropy": None}],
+                "reachable": 1, "total": 1, "in_sync": True, "consumers": consumers,
             }
 
 
-def render_store_status(r: dict[str, Any], out: TextIO) -> None:
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "never"
+    s = max(0, int(now - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit} ago"
+    return f"{s}s ago"
+
+
+def render_store_status(r: dict[str, Any], out: TextIO, now: float | None = None) -> None:
+    """The spec's ``SECRET STORE:`` block."""
+    now = time.time() if now is None else now
     out.write("SECRET STORE:\n")
-    out.write(f"  Replicas:        {len(r['replicas'])} (local mode)\n")
+    healthy = "healthy" if r.get("mode") == "cluster" else "(local mode)"
+    out.write(f"  Replicas:        {r['reachable']}/{r['total']} {healthy}\n")
     for rep in r["replicas"]:
-        out.write(f"    {rep['name']:<14} {rep['state']:<8} {rep['secrets']} secrets\n")
-    out.write(f"  Tombstones:      {r['tombstones']}\n  Digest root:     {r['root'][:16]}…\n")
+        name = rep.get("name") or "—"
+        if not rep["reachable"]:
+            out.write(f"    {name:<14} {rep['endpoint']:<21} ✗ unreachable  {rep.get('error', '')}\n")
+            continue
+        sync = "✓ local" if rep["state"] == "local" else ("✓ synced" if rep.get("in_sync") else "⚠ converging")
+        ae = "" if rep["state"] == "local" else f"  last anti-entropy {_ago(rep.get('last_anti_entropy'), now)}"
+        out.write(f"    {name:<14} {rep['endpoint']:<21} {sync:<12} {rep.get('secrets') or 0} secrets{ae}\n")
+    if r.get("tombstones") is not None:
+        out.write(f"  Tombstones:      {r['tombstones']}\n")
+    total = r.get("secrets")
+    out.write(f"  Total secrets:   {total if total is not None else '—'}\n")
+    if r.get("consumers"):
+        out.write("  Entitled consumers:\n")
+        for c in r["consumers"]:
+            who = f"{c['label']} ({c['machines']} machine{'s' if c['machines'] != 1 else ''})"
+            each = "" if c["machines"] == 1 else " each"
+            n = c["secrets"] if c["secrets_min"] == c["secrets"] else f"{c['secrets_min']}–{c['secrets']}"
+            out.write(f"    {who:<26}→ {n} secret{'s' if c['secrets'] != 1 else ''}{each}\n")

@@ -76,9 +76,16 @@ def secrets_table(rows: list[View], out: TextIO) -> None:
             return "— (not referenced)"
         return ", ".join(f"{u['label']} ({u['servers']} srv)" for u in r["used_by"])
 
+    def rotated(r: View) -> str:  # [secret-store] from the store's metadata (never values)
+        when = r.get("last_rotated")
+        if not when:
+            return "— (never set)" if r.get("stored") == 0 else "—"
+        return when + (f" ({r['stored']} nodes)" if r.get("per_machine") and r.get("stored") else "")
+
     table(
-        ["SECRET", "TYPE", "USED BY", "ROTATE", "PER-MACHINE"],
-        [[r["path"], r["type"], used_by(r), r["rotate_every"] or "—", "yes" if r["per_machine"] else "no"] for r in rows],
+        ["SECRET", "TYPE", "USED BY", "LAST ROTATED", "SET BY", "ROTATE", "PER-MACHINE"],
+        [[r["path"], r["type"], used_by(r), rotated(r), r.get("set_by") or "—", r["rotate_every"] or "—",
+          "yes" if r["per_machine"] else "no"] for r in rows],
         out,
     )
 
@@ -287,16 +294,59 @@ def alert(v: View, out: TextIO) -> None:
             tree(lines, out)
 
 
+def _grant_line(g: View, path: str) -> str:
+    """``Label "mailserver" → puppet class "postfix" → lab::secret('PATH') at FILE:LINE``."""
+    origin = f'Label "{g["label"]}"' if g.get("label") else g.get("origin", "?")
+    if not g.get("classes") and not g.get("call"):
+        return f"{origin} → secrets: {path}"
+    steps = [origin]
+    for i, c in enumerate(g.get("classes") or []):
+        kind = "puppet class" if i == 0 else "class"
+        steps.append(f'{kind} "{c["name"]}"' + (f" (declared at {c['declared_at']})" if c.get("declared_at") else ""))
+    if g.get("call"):
+        steps.append(f"lab::secret('{path}') at {g['call']}")
+    return " → ".join(steps)
+
+
 def secret(v: View, out: TextIO) -> None:
     out.write(f"Secret: {v['path']}\nType: {v['type']}" + (f" (generator: {v['generator']})" if v["generator"] else "") + "\n")
+    if v.get("last_set"):  # [secret-store] from the store
+        out.write(f"Last set: {v['last_set']} UTC by {v.get('last_set_by') or '?'}\n")
+    elif v.get("store_known"):
+        out.write("Last set: never (no value in the store)\n")
     if v["rotate_every"]:
         out.write(f"Rotate every: {v['rotate_every']}\n")
     if v["per_machine"]:
         out.write("Per machine: each server gets its own value\n")
     out.write(f"Delivered as: owner {v['owner']}, group {v['group']}, mode {v['mode']}\n")
-    out.write("\nAccessible by (derived from definitions):\n")
-    if not v["accessible_by"]:
+    if "grants" not in v:  # an engine without the policy data: the definitions' view only
+        out.write("\nAccessible by (derived from definitions):\n")
+        if not v["accessible_by"]:
+            out.write("  nothing references it — orphaned?\n")
+        for a in v["accessible_by"]:
+            out.write(f'  Label "{a["label"]}"\n')
+            tree([f"{s['name']} ({s['provider']})" for s in a["servers"]] or ["(no servers carry it yet)"], out, "    ")
+        return
+    out.write("\nAccessible by (derived from code):\n")
+    if not v["grants"] and not v.get("unapplied"):
         out.write("  nothing references it — orphaned?\n")
-    for a in v["accessible_by"]:
-        out.write(f'  Label "{a["label"]}"\n')
-        tree([f"{s['name']} ({s['provider']})" for s in a["servers"]] or ["(no servers carry it yet)"], out, "    ")
+    own = {p["server"]: p["set"] for p in v.get("per_machine_set") or []}
+    for g in v["grants"]:
+        out.write(f"  {_grant_line(g, v['path'])}\n")
+        lines = []
+        for s in g["servers"]:
+            note = ""
+            if s["name"] in own:
+                note = {True: "    own value set", False: "    own value NOT set", None: ""}[own[s["name"]]]
+            lines.append(f"{s['name']} ({s['provider']}){note}")
+        tree(lines, out, "    ")
+    for u in v.get("unapplied") or []:
+        g = {"label": u["label"], "classes": [{"name": u["class"]}] if u["class"] else [], "call": u["call"]}
+        out.write(f"  {_grant_line(g, v['path'])}\n")
+        tree(["(no servers carry it yet)"], out, "    ")
+    if v["grants"]:
+        out.write(f"\n  {_plural(len(v['entitled']), 'server')} entitled; no other references found in any applied code.\n")
+    if not v.get("modules"):
+        out.write("  (no Puppet modules directory: lab::secret calls not scanned; --modules / $LAB_PUPPET_MODULES / <definitions>/modules)\n")
+    for w in v.get("policy_warnings") or []:
+        out.write(f"  ⚠ {w}\n")
