@@ -1,0 +1,265 @@
+"""`lab diff|plan|apply|sync server NAME` (spec: "lab diff server db-1"; docs/LIFECYCLE.md).
+
+Registers on the ``app`` of :mod:`lab.coordinator.cli.app` when imported there (one line). The
+comparison and the plan are pure (:mod:`lab.coordinator.lifecycle`); this module does the I/O:
+plan files, inventory writes with audit entries, onboarding over SSH, policy publication.
+These commands work on this home's state.db (like `lab token`), also when `lab server connect`
+is set: run them on the coordinator host.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TextIO
+
+import typer
+
+from lab.common.errors import LabError, NotFound
+from lab.coordinator import lifecycle
+from lab.coordinator.cli import app as base
+from lab.coordinator.cli.render import emit
+
+diff_app = base.subcommand("diff", "What would change, as +/- lines.")
+plan_app = base.subcommand("plan", "Preview what `lab apply` would create or change; nothing is written but the plan.")
+apply_app = base.subcommand("apply", "Apply the plan made by `lab plan`.")
+sync_app = base.subcommand("sync", "Reconcile drift that lab can fix; say what must be done by hand.")
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _record(engine: Any, name: str) -> Any | None:
+    try:
+        return engine.state.get_server(name)
+    except NotFound:
+        return None
+
+
+def diff_view(r: dict[str, Any], out: TextIO) -> None:
+    if not r["reported"]["facts"] and not r["reported"]["puppet"]:
+        out.write(f"{r['server']}: no report from the agent yet — everything below is unknown\n")
+    for line in lifecycle.diff_lines(r):
+        out.write(line + "\n")
+    word = {"sync": "in sync", "drift": "DRIFT DETECTED", "unknown": "unknown (not everything is reported yet)"}[r["sync"]]
+    out.write(f"\n{r['server']}: {word}\n")
+
+
+@diff_app.command("server")
+def diff_server(name: str, definitions: base.Definitions = None, output: base.Output = "table") -> None:
+    """Declared spec vs what the agent reported: unchanged lines indented, - declared, + actual."""
+    fmt = base._format(output)
+    with base._engine(definitions, local=True) as engine:
+        result = lifecycle.diff(engine, name)
+    emit(result, fmt, diff_view)
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+@plan_app.command("server")
+def plan_server(
+    name: Annotated[str, typer.Argument(help="Server name (DNS label).")],
+    labels: Annotated[list[str] | None, typer.Option("--label", "--labels", "-l", help="The complete label list (repeat or comma-separate); default: keep.")] = None,
+    provider: Annotated[str | None, typer.Option("--provider", "-p", help="ssh, manual, baremetal, aws, xcpng … (required for a new server).")] = None,
+    environment: Annotated[str | None, typer.Option("--environment", "-e")] = None,
+    region: Annotated[str | None, typer.Option("--region", "-r")] = None,
+    size: Annotated[str | None, typer.Option("--size", "-s")] = None,
+    host: Annotated[list[str] | None, typer.Option("--host", help="ssh: address of the machine (onboarded by `lab apply`).")] = None,
+    port: Annotated[int, typer.Option("--port", help="ssh: SSH port.")] = 22,
+    user: Annotated[str, typer.Option("--user", "-u", help="ssh: SSH user.")] = "root",
+    identity: Annotated[str | None, typer.Option("--identity", "-i", help="ssh: private key file.")] = None,
+    server: Annotated[str | None, typer.Option("--server", help="ssh: coordinator endpoint as the target sees it.")] = None,
+    definitions: base.Definitions = None,
+    output: base.Output = "table",
+) -> None:
+    """Preview a new or existing server (labels, size, classes, secrets, alerts, DNS); store the plan."""
+    from lab.coordinator.state import validate_server_name
+
+    fmt = base._format(output)
+    validate_server_name(name)
+    label_list = lifecycle.split(labels) if labels else None
+    hosts = lifecycle.split(host)
+    with base._engine(definitions, local=True) as engine:
+        current = _record(engine, name)
+        zone = (base._read_settings(engine.paths.home).get("dns") or {}).get("zone")
+        ssh = {"port": port, "user": user, "identity": identity, "server": server} if hosts else {}
+        plan = lifecycle.make_plan(
+            engine.definitions, name, current, labels=label_list, provider=provider, environment=environment,
+            region=region, size=size, hosts=hosts, ssh=ssh, dns_zone=zone,
+        )  # fmt: skip
+        path = lifecycle.save_plan(engine.paths.home, plan)
+    plan["path"] = str(path)
+
+    def human(p: dict[str, Any], out: TextIO) -> None:
+        state = "new server" if p["new"] else ("enrolled" if p["enrolled"] else "in the inventory, not enrolled")
+        out.write(f"Plan for {p['server']} (provider {p['provider']}, {state}):\n")
+        lines = lifecycle.plan_lines(p)
+        for line in lines or ["(no changes)"]:
+            out.write(f"  {line}\n")
+        out.write(f"\n  `lab apply server {p['server']}` will: {_action_text(p)}\n")
+        out.write(f"Plan saved to {p['path']} (nothing else was written).\n")
+
+    emit(plan, fmt, human)
+
+
+def _action_text(p: dict[str, Any]) -> str:
+    if p["action"] == "not-implemented":
+        return lifecycle.not_implemented(p["provider"])
+    if p["action"] == "onboard":
+        return f"record it in the inventory, then onboard it over SSH at {p['hosts'][0]} (install the agent, enroll)"
+    if p["new"]:
+        extra = " (no --host: nothing is installed; onboard it later)" if p["provider"] == "ssh" else ""
+        return f"register it in the inventory only{extra}"
+    return "change the inventory record" + (" and republish the secret policy if stores are configured" if p["changes"] else "")
+
+
+# -- apply ---------------------------------------------------------------------------------------
+
+
+def _write_inventory(engine: Any, plan: dict[str, Any], current: Any | None) -> list[str]:
+    """Create or update the inventory record as planned; returns what was done."""
+    t = plan["target"]
+    name = plan["server"]
+    done: list[str] = []
+    if current is None:
+        engine.add_server(name, plan["provider"], t["labels"], t["environment"], t["region"], t["size"])
+        return [f"registered {name} in the inventory (provider {plan['provider']}; labels: {','.join(t['labels']) or 'none'})"]
+    if list(current.labels) != t["labels"]:
+        engine.set_labels(name, t["labels"])
+        done.append(f"labels: {','.join(t['labels']) or 'none'}")
+    fields = {k: t[k] for k in ("environment", "region", "size") if getattr(current, k) != t[k]}
+    if fields:
+        with engine.state.transaction():
+            engine.state.update_server(name, **fields)
+            engine.state.audit("server.update", name, {k: {"before": getattr(current, k), "after": v} for k, v in fields.items()})
+        engine.state.maybe_snapshot()
+        engine.reload()
+        done += [f"{k}: {v}" for k, v in fields.items()]
+    return done
+
+
+def _republish(home: Any) -> str | None:
+    """Republish the signed policy when the cluster config names stores; a line to print, or None."""
+    from lab.coordinator import cluster
+
+    stores = cluster.configured_stores(home)
+    if not stores:
+        return None
+    try:
+        r = cluster.publish_policy(home, stores)
+    except LabError as exc:
+        return f"! policy not republished: {exc} (run `lab cluster publish` once the stores answer)"
+    return f"→ policy version {r['version']} published to {len(r['stores'])} store(s)"
+
+
+def _onboard(plan: dict[str, Any], yes: bool, accept_new_host_key: bool, definitions: str | None) -> None:
+    """Hand over to `lab onboard NAME --provider ssh …` (coordinator/providers/ssh.py)."""
+    from typer.main import get_command
+
+    ssh = plan["ssh"]
+    argv = ["onboard", plan["server"], "--provider", "ssh", "--host", plan["hosts"][0], "--port", str(ssh.get("port") or 22),
+            "--user", ssh.get("user") or "root"]  # fmt: skip
+    if ssh.get("identity"):
+        argv += ["--identity", ssh["identity"]]
+    if ssh.get("server"):
+        argv += ["--server", ssh["server"]]
+    t = plan["target"]
+    if t["labels"]:
+        argv += ["--labels", ",".join(t["labels"])]
+    if t["environment"]:
+        argv += ["--environment", t["environment"]]
+    if t["region"]:
+        argv += ["--region", t["region"]]
+    if yes:
+        argv.append("--yes")
+    if accept_new_host_key:
+        argv.append("--accept-new-host-key")
+    if definitions:
+        argv += ["--definitions", definitions]
+    get_command(base.app).main(args=argv, prog_name="lab", standalone_mode=False)
+
+
+@apply_app.command("server")
+def apply_server(
+    name: Annotated[str, typer.Argument(help="Server name (planned with `lab plan server`).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="ssh onboarding: do not ask.")] = False,
+    accept_new_host_key: Annotated[bool, typer.Option("--accept-new-host-key", help="ssh onboarding: trust an unknown host key.")] = False,
+    definitions: base.Definitions = None,
+) -> None:
+    """Apply exactly what `lab plan server NAME` showed; refuse a stale plan."""
+    paths = base.Paths.resolve(definitions)
+    plan = lifecycle.load_plan(paths.home, name)
+    if plan["action"] == "not-implemented":
+        raise LabError(lifecycle.not_implemented(plan["provider"]) + "; nothing was changed")
+    with base._engine(definitions, local=True) as engine:
+        current = _record(engine, name)
+        lifecycle.check_plan(plan, engine.definitions, current)
+        done = _write_inventory(engine, plan, current)
+    for line in done:
+        _say(f"✓ {line}")
+    if not done:
+        _say(f"✓ {name}: inventory already as planned")
+    if plan["action"] == "onboard":
+        _say(f"→ onboarding {name} over SSH at {plan['hosts'][0]}")
+        lifecycle.drop_plan(paths.home, name)  # the inventory part is applied; onboard is rerunnable on its own
+        _onboard(plan, yes, accept_new_host_key, definitions)
+        return
+    if plan["provider"] == "ssh" and plan["new"]:
+        _say(f"  no host given: nothing was installed. Onboard it with `lab plan server {name} --host H` + `lab apply server {name}`, or `lab onboard {name} --provider ssh --host H`")
+    if done and not plan["new"]:
+        line = _republish(paths.home)
+        if line:
+            _say(f"  {line}")
+    lifecycle.drop_plan(paths.home, name)
+
+
+# -- sync ----------------------------------------------------------------------------------------
+
+
+def _by_hand(item: dict[str, Any], name: str) -> str | None:
+    key, st = item["key"], item["status"]
+    if st != "drift" or key == "size":  # size: its cores/memory/disk lines say what is short
+        return None
+    if key in ("cores", "memory", "disk", "size"):
+        return f"{key}: the machine has {item['actual'] or 'less'} but {item['declared']} is declared — resize it, or declare a smaller size (`lab plan server {name} --size S`)"
+    if key == "environment":
+        return f"environment: Puppet ran in {item['actual']!r}, {item['declared']!r} is declared — set `environment = {item['declared']}` in the agent's puppet.conf, or `lab plan server {name} --environment {item['actual']}`"
+    if key.startswith("class ") or key == "puppet_run":
+        return f"{key}: {item['note'] or 'not applied'} — fix the failing resources and run Puppet on the host (`puppet agent -t`); lab does not trigger Puppet runs"
+    if key.startswith("label "):
+        return f"{key}: not defined — define it in the definitions or relabel (`lab server relabel {name} --labels …`)"
+    return f"{key}: {item['note'] or 'drift'}"
+
+
+@sync_app.command("server")
+def sync_server(name: str, definitions: base.Definitions = None, output: base.Output = "table") -> None:
+    """Re-apply what lab controls (labels and the secret policy), list what must be fixed by hand, show the diff."""
+    fmt = base._format(output)
+    paths = base.Paths.resolve(definitions)
+    with base._engine(definitions, local=True) as engine:
+        before = lifecycle.diff(engine, name)
+        record = engine.state.get_server(name)
+        with engine.state.transaction():
+            engine.state.audit("server.sync", name, {"sync": before["sync"], "drift": [i["key"] for i in before["items"] if i["status"] == "drift"]})
+    published = _republish(paths.home)
+    with base._engine(definitions, local=True) as engine:
+        after = lifecycle.diff(engine, name)
+    manual = [m for m in (_by_hand(i, name) for i in after["items"]) if m]
+    done = [published] if published else []
+    if record.enrolled_at:
+        done.append(f"→ labels {','.join(record.labels) or 'none'} are sent to the agent at its next check-in")
+    result = {**after, "before": before["sync"], "done": done, "by_hand": manual}
+
+    def human(r: dict[str, Any], out: TextIO) -> None:
+        for line in r["done"]:
+            out.write(f"{line}\n")
+        if r["by_hand"]:
+            out.write("To do by hand (lab cannot fix these):\n")
+            for line in r["by_hand"]:
+                out.write(f"  - {line}\n")
+        elif r["sync"] == "sync":
+            out.write("Nothing to reconcile.\n")
+        out.write("\n")
+        diff_view(r, out)
+
+    emit(result, fmt, human)
