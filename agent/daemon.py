@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib
 import logging
 import os
 import signal
@@ -142,6 +143,8 @@ class Agent:
         self.sync_status: dict[str, Any] = {"running": False, "stores": {}, "coordinator": None}
         self.info: dict[str, Any] = {}
         self.service = AgentService(cache, IdResolver(), self.status_view, on_reload=self.redeliver)
+        self.sync_control: dict[str, Any] = {}  # [identity] the store session's cancel scope (agent/sync.py)
+        self.wiped = False
 
     def status_view(self) -> dict[str, Any]:
         """What `lab secret status` shows beyond the cache counts."""
@@ -158,6 +161,38 @@ class Agent:
         self.cache.remove(path)
         self.files.remove(path)
         log.info("event=secret_removed path=%s", path)
+
+    def restart_sync(self) -> None:
+        """[identity] Reconnect the store session now (a renewed certificate is on disk)."""
+        scope = self.sync_control.get("session")
+        if scope is not None:
+            scope.cancel()
+
+    def revoked(self, reason: str) -> None:
+        """[identity] Refused as revoked (`lab identity revoke`): every secret out of /run/secrets,
+        the cache and its key destroyed (cache.wipe); an empty cache under a throwaway in-memory
+        key answers from then on ("not in the local cache")."""
+        if self.wiped:
+            return
+        self.wiped = True
+        import secrets as _random
+
+        from lab.agent.cache import CacheKey
+        from lab.common.securemem import SecretBuffer
+
+        log.warning("event=revoked action=wipe reason=%s", reason[:200].replace(" ", "_"))
+        try:
+            removed = sum(1 for path in self.cache.paths() if self.files.remove(path))  # written one by one
+            removed += self.files.sync([])[1]  # and whatever the manifest still lists
+        except OSError as exc:
+            removed = -1
+            log.error("event=revoked_files_failed error=%s", exc)
+        old = self.cache
+        old.wipe()
+        self.cache = SecretCache(old.home, CacheKey(SecretBuffer.from_bytes(_random.token_bytes(32)), "file"), stale_after=old.stale_after)
+        self.service.cache = self.cache
+        self.sync_status.update(state="revoked", running=False)
+        log.warning("event=wiped files_removed=%d home=%s", removed, old.home)
 
     def redeliver(self) -> None:
         written, removed = self.files.sync(self.cache.records())
@@ -228,6 +263,9 @@ async def _run_locked(config: AgentConfig, started: float, dumps: Any, task_stat
             nursery.start_soon(_signals, nursery.cancel_scope)
             await nursery.start(serve, config.socket_path, agent.service)
             log.info("event=listening socket=%s cached=%d after_ms=%.0f", config.socket_path, len(cache.paths()), (time.monotonic() - started) * 1000)
+            # The sync code (Noise, the store client: 0.1-0.3 s of imports) loads in a worker thread
+            # so that the socket answers from the cache meanwhile instead of waiting for the import.
+            await trio.to_thread.run_sync(importlib.import_module, "lab.agent.sync")
             try:
                 # In a worker thread: one fsync per file must not hold up answers on the socket.
                 agent.info["secrets_fs"] = await trio.to_thread.run_sync(files.prepare)
@@ -235,6 +273,9 @@ async def _run_locked(config: AgentConfig, started: float, dumps: Any, task_stat
             except OSError as exc:
                 log.error("event=files_failed dir=%s error=%s", config.secrets_dir, exc)
             await nursery.start(sync_loop, agent)
+            from lab.agent.sync import checkin_loop  # [identity] renewals and revocation via the coordinator
+
+            await nursery.start(checkin_loop, agent)
             interval = watchdog_interval()
             if interval:
                 nursery.start_soon(_watchdog, interval)
@@ -243,6 +284,8 @@ async def _run_locked(config: AgentConfig, started: float, dumps: Any, task_stat
             task_status.started(agent)
     finally:
         cache.close()
+        if "agent" in locals() and agent.cache is not cache:  # [identity] replaced after a wipe
+            agent.cache.close()
         log.info("event=stopped")
 
 

@@ -153,7 +153,7 @@ def _event(level: int, event: str, **fields: object) -> None:
 
 
 async def _session(endpoint: str, cache: SecretCache, sink: Sink, identity: rpc.Identity,
-                   status: MutableMapping[str, Any], config: SyncConfig, on_connected: Any) -> None:
+                   status: MutableMapping[str, Any], config: SyncConfig, on_connected: Any, superseded: Any = None) -> None:
     host, port = rpc.parse_endpoint(endpoint, DEFAULT_STORE_PORT)
     async with rpc.connect(host, port, identity=identity, timeout=config.connect_timeout) as conn:
         if STORE_ROLE not in conn.peer.roles:
@@ -172,6 +172,8 @@ async def _session(endpoint: str, cache: SecretCache, sink: Sink, identity: rpc.
                 update = decode_message_untrusted(raw) if isinstance(raw, bytes) else None
                 if not isinstance(update, SyncUpdate):
                     raise RemoteProtocolError(f"{endpoint}: store.sync sent something other than a SyncUpdate")
+                if update.final and superseded is not None and superseded():  # [identity] renewed: not us any more
+                    raise TransportError(f"{endpoint}: the session's certificate was renewed; reconnecting")
                 now = time.time()
                 for record in to_cache_records(update, now):
                     sink.apply(record)
@@ -201,11 +203,20 @@ async def sync_loop(
     sink: Sink | None = None,
     config: SyncConfig = SyncConfig(),
     rng: random.Random | None = None,
+    reload_identity: Any = None,
+    on_revoked: Any = None,
+    control: MutableMapping[str, Any] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep the cache in step with the stores until cancelled. ``started()`` at once: nothing
     waits for the network. ``sink`` (default: the cache, plus ``files`` if given) receives each
-    record and removal."""
+    record and removal.
+
+    [identity] ``reload_identity()`` (if given) gives the identity for each new session (a renewed
+    ``node.cert`` is used at once); ``on_revoked(reason)`` is called when a store refuses this
+    node as revoked (final update, or a handshake refused with "revoked") — unless the refused
+    certificate is no longer the one on disk (renewed meanwhile); ``control["session"]`` is the
+    cancel scope of the running session (cancel it to reconnect now)."""
     rng = rng or random.Random()
     rotation = StoreRotation(stores, rng)
     backoff = Backoff(config.backoff_base, config.backoff_cap, rng)
@@ -227,16 +238,58 @@ async def sync_loop(
             connected = True
             backoff.reset()
 
+        ident = identity
+        if reload_identity is not None:
+            try:
+                ident = reload_identity()
+            except LabError as exc:
+                ident = identity
+                _event(logging.WARNING, "sync.identity_unreadable", reason=str(exc))
+
+        def superseded(used: rpc.Identity = ident) -> bool:
+            if reload_identity is None:
+                return False
+            try:
+                return bool(reload_identity().certificate.serial != used.certificate.serial)
+            except LabError:
+                return False
+
+        scope = trio.CancelScope()
+        if control is not None:
+            control["session"] = scope
         try:
-            await _session(endpoint, cache, sink, identity, status, config, on_connected)
+            with scope:
+                extra = (superseded,) if reload_identity is not None else ()
+                await _session(endpoint, cache, sink, ident, status, config, on_connected, *extra)
         except _Revoked as exc:
             status.update(state="revoked", last_error=str(exc))
             _event(logging.WARNING, "sync.revoked", store=endpoint, reason=str(exc))
+            if on_revoked is not None and not superseded():
+                on_revoked(str(exc))
+                status["running"] = False
+                return  # wiped: nothing left to sync, and this key is refused everywhere
+        except AuthError as exc:
+            if "revoked" in str(exc) and not superseded():  # [identity] refused at the handshake as revoked
+                status.update(state="revoked", last_error=str(exc)[:200])
+                status["stores"][endpoint] = "refused: revoked"
+                _event(logging.WARNING, "sync.revoked", store=endpoint, reason=str(exc)[:200])
+                if on_revoked is not None:
+                    on_revoked(str(exc))
+                    status["running"] = False
+                    return
+            else:
+                status["stores"][endpoint] = f"unreachable: {str(exc)[:200]}"
+                status["last_error"] = str(exc)[:200]
+                _event(logging.INFO, "sync.lost" if connected else "sync.unreachable", store=endpoint, reason=str(exc)[:200])
         except (LabError, OSError) as exc:
             reason = str(exc)[:200]
             status["stores"][endpoint] = f"unreachable: {reason}"
             status["last_error"] = reason
             _event(logging.INFO, "sync.lost" if connected else "sync.unreachable", store=endpoint, reason=reason)
+        if scope.cancelled_caught:  # [identity] asked to reconnect (renewed certificate): at once
+            _event(logging.INFO, "sync.reconnect", store=endpoint, reason="identity changed")
+            status.update(state="connecting", store=None, store_name=None, since=None)
+            continue
         if connected:
             if status.get("state") != "revoked":
                 status["state"] = "connecting"
@@ -276,4 +329,102 @@ async def run_for_agent(agent: Any, *, task_status: trio.TaskStatus[None] = trio
         _event(logging.WARNING, "sync.not_configured", reason=str(exc))
         task_status.started()
         return
-    await sync_loop(agent.cache, identity, stores, agent.sync_status, sink=agent, task_status=task_status)
+    # [identity] a renewed node.cert is picked up per session; a revocation wipes the agent
+    await sync_loop(agent.cache, identity, stores, agent.sync_status, sink=agent, task_status=task_status,
+                    reload_identity=lambda: load_home_identity(home), on_revoked=getattr(agent, "revoked", None),
+                    control=getattr(agent, "sync_control", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# [identity] Check-in with the coordinator: liveness, renewed certificates, revocation (issue 6)
+
+DEFAULT_CHECKIN_INTERVAL: Final = 60.0
+
+
+def checkin_interval(environ: Any = None) -> float:
+    """``$LAB_CHECKIN_INTERVAL`` seconds (tests, `lab cluster`), else 60."""
+    import os
+
+    env = os.environ if environ is None else environ
+    try:
+        value = float(env.get("LAB_CHECKIN_INTERVAL") or DEFAULT_CHECKIN_INTERVAL)
+    except ValueError:
+        return DEFAULT_CHECKIN_INTERVAL
+    return min(max(value, 0.2), 3600.0)
+
+
+def accept_renewed(raw: Any, identity: rpc.Identity, now: float) -> Any:
+    """The renewed certificate from a ``checkin`` reply, verified: signed by our CA, valid now,
+    for our key and name, and not the one we hold. AuthError otherwise."""
+    from lab.common.identity import verify_certificate
+
+    if not isinstance(raw, bytes):
+        raise AuthError("checkin reply: certificate must be bytes")
+    cert = verify_certificate(raw, identity.ca_public_key, now, None, identity.key.public_key)
+    if cert.name != identity.certificate.name:
+        raise AuthError(f"renewed certificate is for {cert.name!r}, not {identity.certificate.name!r}")
+    if cert.serial == identity.certificate.serial:
+        raise AuthError("renewed certificate is the one already held")
+    return cert
+
+
+async def checkin_once(home: Path, coordinator: str) -> Any:
+    """One ``checkin``; returns a renewed certificate (already written to ``node.cert``) or None."""
+    import os
+
+    from lab.common.identity import write_private_file
+
+    identity = load_home_identity(home)
+    host, port = rpc.parse_endpoint(coordinator, 7443)
+    async with rpc.connect(host, port, identity=identity, timeout=DEFAULT_CONNECT_TIMEOUT) as conn:
+        if "coordinator" not in conn.peer.roles:
+            raise AuthError(f"{coordinator} answered as {conn.peer.name!r}, which is not the coordinator")
+        reply = await conn.call("checkin", {}, timeout=30)
+    if reply.get("certificate") is None:
+        return None
+    cert = accept_renewed(reply["certificate"], identity, time.time())
+    write_private_file(home / "node.cert", cert.encode(), overwrite=True)  # atomic: temp, fsync, rename
+    os.chmod(home / "node.cert", 0o644)
+    _event(logging.INFO, "identity.renewed", serial=cert.serial, old=identity.certificate.serial, not_after=cert.not_after)
+    return cert
+
+
+async def checkin_loop(agent: Any, *, interval: float | None = None, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Check in every ``interval`` s. A renewed certificate: written, the store session restarted
+    with it, and an immediate check-in with it (which confirms it to the coordinator). Refused as
+    revoked: ``agent.revoked(reason)``, and the loop ends. Not enrolled: nothing to do."""
+    home = getattr(getattr(agent, "config", None), "home", None)
+    try:
+        doc = yaml.safe_load((Path(home) / ENROLLMENT_FILE).read_text(encoding="utf-8")) if home else None
+    except (OSError, yaml.YAMLError):
+        doc = None
+    coordinator = doc.get("coordinator") if isinstance(doc, dict) else None
+    task_status.started()
+    if not isinstance(coordinator, str) or not coordinator:
+        return
+    every = interval if interval is not None else checkin_interval()
+    while True:
+        renewed = None
+        try:
+            renewed = await checkin_once(Path(home), coordinator)
+            agent.sync_status["coordinator"] = "ok"
+        except AuthError as exc:
+            if "revoked" in str(exc):
+                _event(logging.WARNING, "checkin.revoked", coordinator=coordinator, reason=str(exc)[:200])
+                agent.sync_status["coordinator"] = "revoked"
+                revoked = getattr(agent, "revoked", None)
+                if revoked is not None:
+                    revoked(str(exc))
+                return
+            agent.sync_status["coordinator"] = f"refused: {str(exc)[:200]}"
+            _event(logging.WARNING, "checkin.refused", coordinator=coordinator, reason=str(exc)[:200])
+        except (LabError, OSError) as exc:
+            agent.sync_status["coordinator"] = f"unreachable: {str(exc)[:200]}"
+            _event(logging.DEBUG, "checkin.failed", coordinator=coordinator, reason=str(exc)[:200])
+        if renewed is not None:
+            restart = getattr(agent, "restart_sync", None)
+            if restart is not None:
+                restart()
+            await trio.sleep(0.2)  # let the store session come back with the new certificate first
+            continue  # check in with it now: that confirms the renewal
+        await trio.sleep(every)

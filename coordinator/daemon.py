@@ -97,6 +97,8 @@ class Coordinator:
             return self._engine_call(peer, name, req.body)
         if method == "ping":
             return {"name": self.enrollment.endpoint}
+        if method.startswith("identity.") and getattr(self, "identity_ops", None) is not None:  # [identity] issue 6
+            return await self.identity_ops.handle(peer, method, req.body)
         raise NotFound(f"no method {method!r}")
 
     def _engine_call(self, peer: rpc.PeerInfo, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +138,11 @@ async def serve(
     """Run the coordinator API until cancelled; ``started(port)`` once it listens."""
     host, port = parse_endpoint(listen)
     ensure_cluster_identity(paths.home)
-    identity = load_identity(paths.home, "coordinator")
     ca = CertificateAuthority.load(paths.home / "ca.key")
+    from lab.coordinator.identity_ops import ENDPOINT_FILE, RevocationBook  # [identity] the daemon refuses revoked nodes
+
+    book = RevocationBook(paths.home, ca.public_key)
+    identity = load_identity(paths.home, "coordinator", book.current)
     engine = Engine.open(paths)
     dns = None
     try:
@@ -151,9 +156,11 @@ async def serve(
                 _serve_rpc, host, port, identity, engine, ca, dns, advertise, clock
             )
             log_event(logging.INFO, "daemon.ready", listen=f"{host}:{actual}", ca=ca.fingerprint, dns="on" if dns.enabled else "off")
+            _write_endpoint(paths.home / ENDPOINT_FILE, host, actual)  # [identity] where `lab identity …` finds us
             sd_notify("READY=1")
             task_status.started(actual)
     finally:
+        (paths.home / "coordinator.endpoint").unlink(missing_ok=True)  # [identity]
         # reverse order of setup; each failure is logged and the rest still runs
         for what, close in (("dns", getattr(dns, "close", None)), ("engine", engine.close), ("ca", ca.close)):
             if close is None:
@@ -187,6 +194,16 @@ async def _serve_rpc(
             endpoint = f"[{shown}]:{actual}" if ":" in shown else f"{shown}:{actual}"
         service = EnrollmentService(engine.state, ca, endpoint=endpoint, dns=dns if dns.enabled else None, clock=clock)
         holder["c"] = Coordinator(engine, service)
+        # [identity] issue 6: revoke/renew/show, certificates kept per node, renewals at check-in
+        from lab.coordinator.identity_ops import IdentityService, RevocationBook, keep_issued
+
+        book = getattr(identity.revocations, "__self__", None)  # serve() passed RevocationBook.current
+        if isinstance(book, RevocationBook):
+            ops = IdentityService(engine, ca, identity, book, dns=dns if dns.enabled else None,
+                                  store_endpoints=service.store_endpoints, clock=clock)
+            holder["c"].identity_ops = ops
+            service.identity_ops = ops
+            service.on_issued = lambda cert: keep_issued(engine.paths.home, cert)
         task_status.started(actual)
 
 
@@ -200,6 +217,15 @@ async def run(paths: Paths, listen: str = DEFAULT_LISTEN, advertise: str | None 
                 sd_notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _write_endpoint(path: Any, host: str, port: int) -> None:
+    """[identity] ``HOST:PORT`` a local `lab` connects to (a wildcard listen → loopback)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        path.write_text((f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}") + "\n")
+    except OSError as exc:
+        log_event(logging.WARNING, "daemon.endpoint_file_failed", reason=exc.strerror or str(exc))
 
 
 def configure_logging(level: int = logging.INFO) -> None:

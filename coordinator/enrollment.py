@@ -226,6 +226,9 @@ class EnrollmentService:
     (disabled when no ``dns:`` section is configured).
     """
 
+    identity_ops: Any = None  # [identity] lab.coordinator.identity_ops.IdentityService (set by the daemon)
+    on_issued: Any = None  # [identity] called with each certificate issued (kept in certs/NAME.cert)
+
     def __init__(
         self,
         state: StateDB,
@@ -295,6 +298,11 @@ class EnrollmentService:
             self._refused(peer, exc.reason, str(exc), exc.name)
             raise tokens.EnrollmentRejected() from None
         self.state.maybe_snapshot()
+        if self.on_issued is not None:  # [identity]
+            try:
+                self.on_issued(cert)
+            except (LabError, OSError) as exc:
+                log_event(logging.WARNING, "enroll.cert_not_kept", name=server.name, reason=str(exc))
         log_event(logging.INFO, "enroll.accepted", peer=peer.address, name=server.name, key=key_fpr, serial=cert.serial)
         if self.dns is not None and addresses:
             try:
@@ -360,6 +368,9 @@ class EnrollmentService:
         addresses = _addresses(body)
         endpoints = _endpoints(body)
         name = peer.name
+        extra: dict[str, Any] = {}
+        if self.identity_ops is not None:  # [identity] confirm a renewal / hand over a renewed certificate
+            extra = self.identity_ops.on_checkin(peer.certificate)
         before = self.state.get_server(name)
         if before.cert_serial is not None and before.cert_serial != str(peer.certificate.serial):
             raise AuthError(f"certificate {peer.certificate.serial} is not the current one for {name!r}")
@@ -380,4 +391,6 @@ class EnrollmentService:
                 await self.dns.address_changed(name, before.addresses or [], addresses or [])
             except LabError as exc:
                 log_event(logging.WARNING, "checkin.dns_failed", name=name, reason=str(exc))
-        return {"labels": list(server.labels), "stores": self.store_endpoints(), "coordinator": self.endpoint}
+        if self.identity_ops is not None:  # [identity] publish the old serial's revocation after a renewal
+            await self.identity_ops.after_checkin()
+        return {"labels": list(server.labels), "stores": self.store_endpoints(), "coordinator": self.endpoint, **extra}
