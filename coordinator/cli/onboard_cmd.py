@@ -163,11 +163,252 @@ def _ask(question: str, yes: bool) -> None:
         raise LabError("onboarding cancelled; nothing was changed on the host")
 
 
+# -- bare metal (spec "Scenario B/C") --------------------------------------------------------
+
+
+def _interface_ipv4(iface: str) -> tuple[str, int]:
+    """(address, prefix length) of the interface's first IPv4 address (SIOCGIFADDR/SIOCGIFNETMASK)."""
+    import fcntl
+    import ipaddress
+    import socket
+    import struct
+
+    req = struct.pack("256s", iface.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            addr = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x8915, req)[20:24])
+            mask = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x891B, req)[20:24])
+        except OSError as exc:
+            raise UsageError(f"interface {iface} has no IPv4 address here ({exc.strerror}): pass --server-address IP") from None
+    return addr, ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
+
+
+def _why(exc: BaseException) -> str:
+    """One line for an exception, ExceptionGroups (trio nurseries) flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_why(e) for e in exc.exceptions)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno}){' — run as root to bind the DHCP/TFTP ports' if exc.errno == 13 else ''}"
+    return str(exc) or type(exc).__name__
+
+
+def _onboard_baremetal(
+    name: str, *, mac: str | None, image: str | None, labels: list[str] | None, environment: str | None,
+    region: str | None, yes: bool, server: str | None, ipmi: str | None, ipmi_user: str | None,
+    ipmi_password_file: str | None, redfish: str | None, redfish_user: str | None, redfish_password_file: str | None,
+    interface: str | None, proxy_dhcp: bool, pool: str | None, server_address: str | None, timeout: str,
+    disk_gb: int | None, http_port: int, boot_dir: pathlib.Path | None, definitions: str | None,
+) -> None:
+    """Render, ask, register, mint a token, allow the MAC, power on (BMC), serve, follow the stages."""
+    import ipaddress
+
+    import trio
+
+    from lab.coordinator import tokens
+    from lab.coordinator.cli.pxe_cmd import BootServices, ServeOptions, _duration, _images, _pxe_home
+    from lab.coordinator.cli.token_cmd import _ca_fingerprint
+    from lab.coordinator.engine import _split
+    from lab.coordinator.power.base import PowerState
+    from lab.coordinator.providers import baremetal as bm
+    from lab.coordinator.providers.ssh import OnboardFailed, render_table
+    from lab.coordinator.pxe.nodes import write_node
+    from lab.coordinator.pxe.registry import OnboardingNode, normalize_mac
+    from lab.coordinator.state import validate_server_name
+
+    validate_server_name(name)
+    if not mac:
+        raise UsageError("--provider baremetal needs --mac MAC (the machine's boot NIC)")
+    if not image:
+        raise UsageError("--provider baremetal needs --image NAME (see `lab image list`)")
+    if proxy_dhcp and pool:
+        raise UsageError("give --pool FIRST-LAST (full DHCP) or --proxy-dhcp, not both")
+    mac_n = normalize_mac(mac)
+    wait_s = _duration(timeout)
+    bmc = bm.bmc_from_options(ipmi, ipmi_user, ipmi_password_file, redfish, redfish_user, redfish_password_file)
+    label_list = _split(labels)
+    prefix = 24
+    if interface:
+        try:
+            detected, prefix = _interface_ipv4(interface)
+        except UsageError:
+            if server_address is None:
+                raise
+            detected = server_address
+        server_address = server_address or detected
+    if not server_address:
+        raise UsageError("which address do machines reach this device at? pass --interface IFACE or --server-address IP")
+    try:
+        ipaddress.IPv4Address(server_address)
+    except ValueError:
+        raise UsageError(f"--server-address wants an IPv4 address, not {server_address!r}") from None
+    if not proxy_dhcp and pool is None:
+        pool = bm.default_pool(server_address, prefix)
+    netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
+    paths = base.Paths.resolve(definitions)
+    home = paths.home
+    try:
+        img = _images(None).get(image)
+    except LabError as exc:
+        raise OnboardFailed("render", f"{exc} (register it with `lab image add {image} --kernel … --initrd …`)") from exc
+    endpoint = server or base._read_settings(home).get("server") or f"{server_address}:7443"
+    mode = "proxy" if proxy_dhcp else "full"
+
+    with base._engine(definitions, local=True) as engine:
+        if label_list:
+            engine._check_labels(label_list)
+        fpr = _ca_fingerprint(home)
+
+        def audit(action: str, detail: dict[str, Any]) -> None:
+            with engine.state.transaction():
+                engine.state.audit(action, name, detail)
+
+        # Step 1: render
+        _say("Step 1: Render")
+        where = "this device" + (f" ({interface}, {server_address})" if interface else f" ({server_address})")
+        for line in render_table(bm.table_rows(name, mac_n, image, label_list, where)).splitlines():
+            _say("  " + line)
+        _say("\n  Onboarding will:")
+        for line in bm.plan_lines(mac_n, image, img.family, interface, label_list, bmc.label if bmc else None):
+            _say("  " + line)
+        _say("")
+        for line in bm.warning_lines(mac_n, mode, pool):
+            _say("  " + line)
+        _say("")
+        _ask("Proceed?", yes)
+
+        _say("Step 2: PXE boot phase")
+        audit("onboard.start", {"provider": "baremetal", "mac": mac_n, "image": image, "labels": label_list,
+                                "dhcp": mode, "bmc": bmc.kind if bmc else None})
+        step = "register"
+        tracker = bm.StageTracker(mac_n)
+
+        def record(state: str = "running", failed_step: str | None = None) -> None:
+            if getattr(engine.state.get_server(name), "enrolled_at", None):
+                return  # the agent's own facts are there now
+            facts = bm.onboarding_facts(mac_n, tracker.stage, state=state, history=tracker.history,
+                                        at=time.time(), step=failed_step)
+            with engine.state.transaction():
+                engine.state.update_server(name, facts=facts)
+
+        try:
+            with engine.state.transaction():
+                try:
+                    existing = engine.state.get_server(name)
+                except LabError:
+                    engine.state.add_server(name, "baremetal", label_list, environment=environment, region=region)
+                    engine.state.audit("server.add", name, {"provider": "baremetal", "labels": label_list,
+                                                            "environment": environment, "region": region})
+                else:
+                    if existing.provider != "baremetal":
+                        raise OnboardFailed("register", f"server {name!r} exists with provider {existing.provider}")
+                    if getattr(existing, "enrolled_at", None):
+                        raise OnboardFailed("register", f"{name} is already enrolled (remove it first to reinstall: `lab server remove {name}`)")
+            record()
+            step = "token"
+            with engine.state.transaction():
+                try:  # an earlier, failed run's token is useless now
+                    tokens.revoke_tokens(engine.state, name)
+                except LabError:
+                    pass
+                token, trec = tokens.create_token(engine.state, fpr, name, label_list, environment=environment,
+                                                  region=region, ttl=wait_s + 3600)
+                engine.state.audit("token.create", name, {"labels": label_list, "by": "onboard", "expires_at": trec.expires_at})
+            step = "allow"
+            node = OnboardingNode(mac=mac_n, hostname=name, image=image, expires_at=time.time() + wait_s,
+                                  labels=tuple(label_list), token=token, disk_gb=disk_gb, coordinator=str(endpoint))
+            write_node(_pxe_home() / "nodes", node)
+            del token
+            step = "serve"
+            services = BootServices(ServeOptions(server_address, interface, pool, proxy_dhcp, netmask, None, boot_dir,
+                                                 http_port=http_port))
+        except OnboardFailed as exc:
+            audit("onboard.failed", {"step": exc.step, "why": exc.why})
+            raise
+        except LabError as exc:
+            audit("onboard.failed", {"step": step, "why": str(exc)})
+            raise OnboardFailed(step, str(exc)) from exc
+
+        def on_stage(m: str, what: str, detail: str) -> None:
+            key = tracker.feed(m, what, detail)
+            if key is not None:
+                _say("  " + bm.stage_line(key, mac_n, what.partition(":")[2]))
+                record()
+
+        def power() -> None:
+            assert bmc is not None
+            ctl = bmc.controller()
+            try:
+                _say(f"  → {bmc.label}: setting next boot to PXE")
+                ctl.set_next_boot_pxe()
+                if ctl.state() == PowerState.ON:
+                    _say(f"  → {bmc.label}: power cycling machine")
+                    ctl.cycle()
+                else:
+                    _say(f"  → {bmc.label}: powering on machine")
+                    ctl.on()
+            finally:
+                if hasattr(ctl, "close"):
+                    ctl.close()
+
+        outcome: dict[str, Any] = {}
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                try:
+                    try:
+                        await n.start(services.run, on_stage)
+                    except (OSError, BaseExceptionGroup, LabError) as exc:
+                        raise OnboardFailed("serve", _why(exc)) from exc
+                    _say(f"  → Starting PXE server on {interface or 'all interfaces'} ({server_address}, DHCP {mode})")
+                    _say(f"  → DHCP {'offer' if mode == 'full' else 'boot information'} scoped to MAC {mac_n.upper()} only")
+                    if bmc is not None:
+                        try:
+                            await trio.to_thread.run_sync(power)
+                        except LabError as exc:
+                            raise OnboardFailed("power", str(exc)) from exc
+                    _say("  → " + bm.STAGES[0].line)
+                    if bmc is None:
+                        _say("\n  ⏳ Power on the machine and set it to boot from network (PXE)\n")
+                    deadline = trio.current_time() + wait_s
+                    while trio.current_time() < deadline:
+                        if getattr(engine.state.get_server(name), "enrolled_at", None):
+                            outcome["enrolled"] = True
+                            return
+                        await trio.sleep(1)
+                    outcome["enrolled"] = False
+                except OnboardFailed as exc:
+                    outcome["error"] = exc
+                finally:
+                    n.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        except KeyboardInterrupt:
+            record("failed", "wait")
+            audit("onboard.failed", {"step": "wait", "why": "interrupted"})
+            raise LabError(f"onboarding interrupted at stage {tracker.stage}; run the same `lab onboard` again") from None
+        if "error" in outcome:
+            exc = outcome["error"]
+            record("failed", exc.step)
+            audit("onboard.failed", {"step": exc.step, "why": exc.why})
+            raise exc
+        if not outcome.get("enrolled"):
+            record("timed-out")
+            at = bm.identity_pillar(bm.onboarding_facts(mac_n, tracker.stage)).removeprefix("pxe: ")
+            why = f"timed out waiting for enrollment at stage '{at}' after {timeout}"
+            audit("onboard.failed", {"step": "wait", "why": why, "stage": tracker.stage})
+            raise OnboardFailed("wait", why)
+        audit("onboard.done", {"provider": "baremetal", "stages": tracker.history})
+        s = engine.state.get_server(name)
+    _say(f"  → Identity established: {name} enrolled (labels: {','.join(s.labels) or 'none'})")
+    _say("  → Machine managed: `lab get servers` shows it")
+
+
 @base.app.command("onboard")
 def onboard(
     name: Annotated[str, typer.Argument(help="Server name (DNS label).")],
-    provider: Annotated[str, typer.Option("--provider", "-p", help="Only ssh so far.")],
-    host: Annotated[str, typer.Option("--host", help="Address of the machine.")],
+    provider: Annotated[str, typer.Option("--provider", "-p", help="ssh (a machine with an OS) or baremetal (PXE boot + install).")],
+    host: Annotated[str | None, typer.Option("--host", help="ssh: address of the machine.")] = None,
     port: Annotated[int, typer.Option("--port", help="SSH port.")] = 22,
     user: Annotated[str, typer.Option("--user", "-u", help="SSH user (root, or one that can write the agent's paths).")] = "root",
     identity: Annotated[str | None, typer.Option("--identity", "-i", help="Private key file (default: ~/.ssh/id_* and ssh-agent).")] = None,
@@ -181,9 +422,38 @@ def onboard(
     target_root: Annotated[str, typer.Option("--target-root", hidden=True, help="Prefix for every remote path (tests).")] = "",
     service_mode: Annotated[str, typer.Option("--service-mode", hidden=True, help="auto, systemd or process.")] = "auto",
     wheels: Annotated[str | None, typer.Option("--wheelhouse", hidden=True, help="Prebuilt wheels (lab + dependencies).")] = None,
+    mac: Annotated[str | None, typer.Option("--mac", help="baremetal: MAC address of the machine's boot NIC.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="baremetal: installer image (`lab image add`).")] = None,
+    ipmi: Annotated[str | None, typer.Option("--ipmi", help="baremetal: BMC address (IPMI over LAN); password from $LAB_IPMI_PASSWORD or --ipmi-password-file.")] = None,
+    ipmi_user: Annotated[str | None, typer.Option("--ipmi-user")] = None,
+    ipmi_password_file: Annotated[str | None, typer.Option("--ipmi-password-file", help="0600 file holding the IPMI password.")] = None,
+    redfish: Annotated[str | None, typer.Option("--redfish", help="baremetal: Redfish service URL; password from $LAB_REDFISH_PASSWORD or --redfish-password-file.")] = None,
+    redfish_user: Annotated[str | None, typer.Option("--redfish-user")] = None,
+    redfish_password_file: Annotated[str | None, typer.Option("--redfish-password-file")] = None,
+    interface: Annotated[str | None, typer.Option("--interface", help="baremetal: serve DHCP/TFTP on this interface (the target's L2 segment).")] = None,
+    proxy_dhcp: Annotated[bool, typer.Option("--proxy-dhcp", help="baremetal: boot information only; the network's DHCP server hands out addresses.")] = False,
+    pool: Annotated[str | None, typer.Option("--pool", help="baremetal: FIRST-LAST for full DHCP (default: the top of the interface's subnet).")] = None,
+    server_address: Annotated[str | None, typer.Option("--server-address", help="baremetal: this device's IPv4 address on the boot segment (default: the interface's).")] = None,
+    timeout: Annotated[str, typer.Option("--timeout", help="baremetal: how long to wait for enrollment (e.g. 30m, 2h).")] = "30m",
+    disk_gb: Annotated[int | None, typer.Option("--disk-gb", help="baremetal: boot disk size (chooses the disk layout).")] = None,
+    http_port: Annotated[int, typer.Option("--http-port", hidden=True)] = 8080,
+    boot_dir: Annotated[pathlib.Path | None, typer.Option("--boot-dir", hidden=True)] = None,
     definitions: base.Definitions = None,
 ) -> None:
-    """Onboard a machine that already has an OS: render, ask, install the agent, enroll it."""
+    """Onboard a machine: ssh (it has an OS: install the agent, enroll it) or baremetal (PXE boot, unattended install, enroll)."""
+    if provider == "baremetal":
+        if host is not None:
+            raise UsageError("--host is for --provider ssh; bare metal is found by --mac")
+        _onboard_baremetal(
+            name, mac=mac, image=image, labels=labels, environment=environment, region=region, yes=yes, server=server,
+            ipmi=ipmi, ipmi_user=ipmi_user, ipmi_password_file=ipmi_password_file, redfish=redfish,
+            redfish_user=redfish_user, redfish_password_file=redfish_password_file, interface=interface,
+            proxy_dhcp=proxy_dhcp, pool=pool, server_address=server_address, timeout=timeout, disk_gb=disk_gb,
+            http_port=http_port, boot_dir=boot_dir, definitions=definitions,
+        )  # fmt: skip
+        return
+    if host is None:
+        raise UsageError("--provider ssh needs --host")
     from lab.coordinator import tokens
     from lab.coordinator.cli.token_cmd import _ca_fingerprint
     from lab.coordinator.engine import _split
@@ -191,7 +461,7 @@ def onboard(
     from lab.coordinator.state import validate_server_name
 
     if provider != "ssh":
-        raise UsageError(f"provider {provider!r} is not supported by `lab onboard` yet (only ssh)")
+        raise UsageError(f"provider {provider!r} is not supported by `lab onboard` (ssh or baremetal)")
     if service_mode not in ssh.SERVICE_MODES:
         raise UsageError(f"--service-mode must be one of {', '.join(ssh.SERVICE_MODES)}")
     validate_server_name(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -9,7 +10,8 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import trio
 import typer
@@ -128,6 +130,113 @@ def _pool(text: str | None) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv
         raise UsageError(f"--pool wants FIRST-LAST, e.g. 10.9.0.100-10.9.0.150, not {text!r}") from None
 
 
+@dataclasses.dataclass
+class ServeOptions:
+    """What `lab pxe serve` (and `lab onboard --provider baremetal`) run the boot services with."""
+
+    address: str
+    interface: str | None = None
+    pool: str | None = None
+    proxy_dhcp: bool = False
+    netmask: str = "255.255.255.0"
+    router: str | None = None
+    boot_dir: pathlib.Path | None = None
+    efi_file: str = "ipxe.efi"
+    dhcp_port: int = 67
+    dhcp_client_port: int = 68
+    tftp_port: int = 69
+    http_port: int = 8080
+    images_dir: str | None = None
+
+
+class BootServices:
+    """DHCP + TFTP + HTTP for every machine in $LAB_HOME/pxe/nodes, re-read every 2 s. Built
+    (and checked: UsageError/ConfigError) synchronously; ``run`` serves until cancelled and
+    reports progress as ``on_stage(mac, stage, detail)``."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        from lab.coordinator.pxe.dhcp import DhcpConfig, DhcpServer
+        from lab.coordinator.pxe.nodes import reload_into
+        from lab.coordinator.pxe.registry import Allowlist
+
+        if opts.proxy_dhcp == (opts.pool is not None):
+            raise UsageError("give either --pool FIRST-LAST (full DHCP) or --proxy-dhcp")
+        try:
+            server_ip = ipaddress.IPv4Address(opts.address)
+            mask = ipaddress.IPv4Address(opts.netmask)
+            gw = ipaddress.IPv4Address(opts.router) if opts.router else None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        first, last = _pool(opts.pool)
+        self.opts = opts
+        self.server_ip = server_ip
+        self.http_base = f"http://{server_ip}:{opts.http_port}"
+        self.cfg = DhcpConfig(server_ip=server_ip, http_base=self.http_base, mode="proxy" if opts.proxy_dhcp else "full",
+                              pool_first=first, pool_last=last, subnet_mask=mask, router=gw, efi_x64_file=opts.efi_file)
+        home = _pxe_home()
+        self.root = opts.boot_dir or _default_boot_dir(home / "tftp")
+        if not self.root.is_dir():
+            raise ConfigError(f"TFTP boot directory {self.root} does not exist (install Debian's ipxe or pass --boot-dir)")
+        self.allowlist = Allowlist()
+        self.nodes_dir = home / "nodes"
+        reload_into(self.nodes_dir, self.allowlist)
+        self.dhcp = dhcp = DhcpServer(self.cfg, self.allowlist)
+        self.http = _image_tracking_class()(
+            dhcp, self.allowlist, _images(opts.images_dir), self.http_base,
+            lease_lookup=lambda mac: (str(ip) if (ip := dhcp.lease_for(mac, time.time())) else None))
+
+    async def run(self, on_stage: Callable[[str, str, str], None], task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from lab.coordinator.pxe.dhcp import serve_dhcp
+        from lab.coordinator.pxe.http import serve_http
+        from lab.coordinator.pxe.nodes import reload_into
+        from lab.coordinator.pxe.tftp import TftpConfig, serve_tftp
+
+        o, dhcp = self.opts, self.dhcp
+
+        async def reload_forever() -> None:
+            while True:
+                await trio.sleep(2)
+                try:
+                    reload_into(self.nodes_dir, self.allowlist)
+                except ConfigError as exc:
+                    print(f"lab: warning: {exc}", file=sys.stderr)
+
+        async with trio.open_nursery() as n:
+            await n.start(functools.partial(serve_dhcp, dhcp, interface=o.interface, port=o.dhcp_port,
+                                            client_port=o.dhcp_client_port,
+                                            proxy_port=4011 if o.proxy_dhcp else None,
+                                            on_event=lambda e: on_stage(e.mac, e.stage, e.detail)))
+            await n.start(functools.partial(serve_tftp, TftpConfig(root=self.root), port=o.tftp_port, interface=o.interface,
+                                            on_event=lambda what, peer, name: on_stage(dhcp.mac_for(peer, time.time()) or "-", what,
+                                                                                       f"peer={peer} file={name}")))
+            await n.start(functools.partial(serve_http, self.http, address=str(self.server_ip), port=o.http_port,
+                                            on_event=lambda mac, what: on_stage(mac, what, "")))
+            n.start_soon(reload_forever)
+            task_status.started()
+
+
+def _image_tracking_class():  # BootService is imported lazily (the CLI starts fast)
+    from lab.coordinator.pxe.http import _IMAGE_RE, BootService, Response
+
+    class ImageTracking(BootService):
+        """Also reports kernel/initrd downloads (``kernel-fetched``/``initrd-fetched``) for the MAC
+        that leased the requesting address (full mode; in proxy mode lab does not know it)."""
+
+        def __init__(self, dhcp: Any, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self._dhcp = dhcp
+
+        def route(self, method: str, path: str, peer_ip: str, now: float) -> Response:
+            resp = super().route(method, path, peer_ip, now)
+            if resp.status == 200 and resp.event is None and (m := _IMAGE_RE.match(path)):
+                mac = self._dhcp.mac_for(peer_ip, now)
+                if mac is not None:
+                    resp = dataclasses.replace(resp, event=(mac, "kernel-fetched" if m[2] == "vmlinuz" else "initrd-fetched"))
+            return resp
+
+    return ImageTracking
+
+
 @pxe_app.command("serve")
 def pxe_serve(
     address: Annotated[str, typer.Option("--address", help="This server's IPv4 address on the boot segment.")],
@@ -145,60 +254,18 @@ def pxe_serve(
     images_dir: ImagesDir = None,
 ) -> None:
     """Run DHCP, TFTP and HTTP in the foreground for every machine being onboarded."""
-    from lab.coordinator.pxe.dhcp import DhcpConfig, DhcpServer, serve_dhcp
-    from lab.coordinator.pxe.http import BootService, serve_http
-    from lab.coordinator.pxe.nodes import reload_into
-    from lab.coordinator.pxe.registry import Allowlist
-    from lab.coordinator.pxe.tftp import TftpConfig, serve_tftp
-
-    if proxy_dhcp == (pool is not None):
-        raise UsageError("give either --pool FIRST-LAST (full DHCP) or --proxy-dhcp")
-    try:
-        server_ip = ipaddress.IPv4Address(address)
-        mask = ipaddress.IPv4Address(netmask)
-        gw = ipaddress.IPv4Address(router) if router else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    first, last = _pool(pool)
-    http_base = f"http://{server_ip}:{http_port}"
-    cfg = DhcpConfig(server_ip=server_ip, http_base=http_base, mode="proxy" if proxy_dhcp else "full",
-                     pool_first=first, pool_last=last, subnet_mask=mask, router=gw, efi_x64_file=efi_file)
-    home = _pxe_home()
-    root = boot_dir or _default_boot_dir(home / "tftp")
-    if not root.is_dir():
-        raise ConfigError(f"TFTP boot directory {root} does not exist (install Debian's ipxe or pass --boot-dir)")
-    allowlist = Allowlist()
-    nodes_dir = home / "nodes"
-    reload_into(nodes_dir, allowlist)
-    dhcp = DhcpServer(cfg, allowlist)
-    http = BootService(allowlist, _images(images_dir), http_base,
-                       lease_lookup=lambda mac: (str(ip) if (ip := dhcp.lease_for(mac, time.time())) else None))
+    services = BootServices(ServeOptions(address, interface, pool, proxy_dhcp, netmask, router, boot_dir, efi_file,
+                                         dhcp_port, dhcp_client_port, tftp_port, http_port, images_dir))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 
     def stage(mac: str, what: str, detail: str = "") -> None:
         print(f"stage={what} mac={mac} {detail}".rstrip(), flush=True)
 
-    async def reload_forever() -> None:
-        while True:
-            await trio.sleep(2)
-            try:
-                reload_into(nodes_dir, allowlist)
-            except ConfigError as exc:
-                print(f"lab: warning: {exc}", file=sys.stderr)
-
     async def main() -> None:
         async with trio.open_nursery() as n:
-            await n.start(functools.partial(serve_dhcp, dhcp, interface=interface, port=dhcp_port,
-                                            client_port=dhcp_client_port,
-                                            proxy_port=4011 if proxy_dhcp else None,
-                                            on_event=lambda e: stage(e.mac, e.stage, e.detail)))
-            await n.start(functools.partial(serve_tftp, TftpConfig(root=root), port=tftp_port, interface=interface,
-                                            on_event=lambda what, peer, name: stage(dhcp.mac_for(peer, time.time()) or "-", what,
-                                                                                        f"peer={peer} file={name}")))
-            await n.start(functools.partial(serve_http, http, address=str(server_ip), port=http_port,
-                                            on_event=lambda mac, what: stage(mac, what)))
-            n.start_soon(reload_forever)
-            print(f"serving mode={cfg.mode} address={server_ip} tftp={root} http={http_base} nodes={len(allowlist)}", flush=True)
+            await n.start(services.run, stage)
+            print(f"serving mode={services.cfg.mode} address={services.server_ip} tftp={services.root} "
+                  f"http={services.http_base} nodes={len(services.allowlist)}", flush=True)
 
     try:
         trio.run(main)
