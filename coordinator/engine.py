@@ -22,6 +22,7 @@ from lab.common.targeting import Fleet, Item, ServerView
 from lab.coordinator.alerts.engine_ext import AlertsMixin  # alerts + health: render, HEALTH pillar, values
 from lab.coordinator.state import StateDB
 from lab.coordinator.reports import describe_server as _describe_server, puppet_pillar  # agent reports: PUPPET pillar, describe
+from lab.coordinator.lifecycle import spec_index as _spec_index, sync_pillar as _sync_pillar  # SYNC pillar: coordinator/lifecycle.py
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "common" / "config" / "examples"
 if not EXAMPLES.is_dir():  # installed as a wheel: package data sits beside the module
@@ -248,7 +249,8 @@ class Engine(AlertsMixin):
             else:  # without groups no definitions are needed: filter the records directly
                 servers = [s for s in servers if _plain_match(s, flt)]
         sizes = self._label_sizes()
-        return self.with_health([_server_record(s, sizes) for s in servers])  # HEALTH pillar: alerts/engine_ext.py
+        sync = _spec_index(self)  # SYNC pillar: coordinator/lifecycle.py
+        return self.with_health([_server_record(s, sizes, sync) for s in servers])  # HEALTH pillar: alerts/engine_ext.py
 
     def _label_sizes(self) -> dict[str, str]:
         """label → size, to show a server's effective size; broken definitions only cost that."""
@@ -344,6 +346,10 @@ class Engine(AlertsMixin):
                     "servers": len(servers),
                 }
             )
+        # [secret-store] LAST ROTATED / SET BY from the store (coordinator/cli/secret_cmd.py; never values)
+        from lab.coordinator.cli.secret_cmd import annotate_rotation
+
+        annotate_rotation(self.paths.home, out, self.state.warnings)
         return out
 
     # -- lab show / targets ----------------------------------------------------------------------
@@ -432,6 +438,8 @@ class Engine(AlertsMixin):
         })
 
     def show_secret(self, path: str) -> dict[str, Any]:
+        from lab.coordinator.cli.secret_cmd import secret_reasons as _secret_reasons  # [secret-store]
+
         d = self.definitions
         if path not in d.secrets:
             raise NotFound(f"no secret named '{path}'")
@@ -452,6 +460,8 @@ class Engine(AlertsMixin):
                 for label, names in fleet.secret_consumers(path)
             ],
             "defined_at": str(s.location) if s.location else None,
+            # [secret-store] who is entitled and why (label → class → lab::secret call), store metadata
+            **_secret_reasons(self, path),
         }
 
     def targets_server(self, name: str) -> dict[str, Any]:
@@ -462,7 +472,7 @@ class Engine(AlertsMixin):
 
     def server_status(self, name: str) -> dict[str, Any]:
         """One server's inventory record with its four pillars (a row of `get_servers`)."""
-        return _server_record(self.state.get_server(name), self._label_sizes())
+        return _server_record(self.state.get_server(name), self._label_sizes(), _spec_index(self))  # SYNC: lifecycle.py
 
     def describe_server(self, name: str) -> dict[str, Any]:
         """`lab describe server NAME`: the four pillars in detail (built in coordinator/reports.py)."""
@@ -503,7 +513,7 @@ def _plain_match(s: Any, flt: ServerFilter) -> bool:
     return True
 
 
-def _server_record(s: Any, label_sizes: dict[str, str] | None = None) -> dict[str, Any]:
+def _server_record(s: Any, label_sizes: dict[str, str] | None = None, sync: Any = None) -> dict[str, Any]:
     size = s.size
     if size is None and label_sizes:
         size = next((label_sizes[x] for x in s.labels if x in label_sizes), None)
@@ -514,11 +524,21 @@ def _server_record(s: Any, label_sizes: dict[str, str] | None = None) -> dict[st
         "environment": s.environment,
         "region": s.region,
         "size": size,
-        "sync": "unknown",
+        "sync": _sync_pillar(sync, s),  # SYNC pillar: coordinator/lifecycle.py ("unknown" without an index)
         "puppet": puppet_pillar(getattr(s, "puppet", None), time.time()),  # reports: coordinator/reports.py
         "health": "unknown",
-        "identity": "enrolled" if getattr(s, "enrolled_at", None) else "not enrolled",
+        "identity": "revoked" if str(getattr(s, "cert_serial", None) or "").startswith("revoked:")  # [identity] identity_ops
+        else "enrolled" if getattr(s, "enrolled_at", None) else (_onboarding_stage(s) or "not enrolled"),
     }
+
+
+def _onboarding_stage(s: Any) -> str | None:  # baremetal onboarding stage: coordinator/providers/baremetal.py
+    facts = getattr(s, "facts", None)
+    if not isinstance(facts, dict) or "onboarding" not in facts:
+        return None
+    from lab.coordinator.providers.baremetal import identity_pillar
+
+    return identity_pillar(facts)
 
 
 def _items(items: Sequence[Item], key: str = "name") -> list[dict[str, Any]]:

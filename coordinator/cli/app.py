@@ -290,6 +290,8 @@ from lab.coordinator.cli import server_cmd, token_cmd  # noqa: E402,F401  `lab s
 from lab.coordinator.cli import describe_cmd  # noqa: E402,F401  `lab describe server NAME` (pillars in detail)
 from lab.coordinator.cli import onboard_cmd  # noqa: E402,F401  `lab onboard NAME --provider ssh` (docs/ONBOARDING.md)
 from lab.coordinator.cli import cluster_cmd  # noqa: E402,F401  `lab cluster up|status|stop|start|down|publish`
+from lab.coordinator.cli import identity_cmd  # noqa: E402,F401  `lab identity revoke|renew|show NAME` (issue 6)
+from lab.coordinator.cli import lifecycle_cmd  # noqa: E402,F401  `lab diff|plan|apply|sync server NAME` (docs/LIFECYCLE.md)
 
 
 # -- entry point -------------------------------------------------------------------------------

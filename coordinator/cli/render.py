@@ -33,6 +33,8 @@ def use_color(stream: TextIO) -> bool:
 
 def width(text: str) -> int:
     """Terminal cells a string takes (wide East Asian characters count twice)."""
+    if text.isascii():
+        return len(text)
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
@@ -67,6 +69,8 @@ def pillar(value: str) -> str:
     """One of the four pillars as a cell: a symbol and a word."""
     if value.startswith("unknown"):
         return f"{UNKNOWN} {value}"
+    if value.startswith("pxe:") and "timed out" not in value:
+        return f"⏳ {value}"
     symbol = {
         "sync": OK,
         "ok": OK,
