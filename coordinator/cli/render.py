@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -31,22 +32,25 @@ def use_color(stream: TextIO) -> bool:
     return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
 
 
-def width(text: str) -> int:
-    """Terminal cells a string takes (wide East Asian characters count twice)."""
-    if text.isascii():
-        return len(text)
+@functools.lru_cache(maxsize=4096)
+def _wide_width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
+def width(text: str) -> int:
+    """Terminal cells a string takes (wide East Asian characters count twice). Tables repeat the
+    same few non-ASCII cells (pillars) thousands of times, hence the cache."""
+    return len(text) if text.isascii() else _wide_width(text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO) -> None:
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
-    widths = [width(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], width(c))
+    cells = [list(headers)] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    sizes = [[width(c) for c in row] for row in cells]
+    widths = [max(col) for col in zip(*sizes)]
+    last = len(widths) - 1
     lines = []
-    for row in [list(headers), *cells]:
-        parts = [c + " " * (widths[i] - width(c)) for i, c in enumerate(row)]
+    for row, row_sizes in zip(cells, sizes):
+        parts = [c if i == last else c + " " * (widths[i] - row_sizes[i]) for i, c in enumerate(row)]
         lines.append("   ".join(parts).rstrip())
     out.write("\n".join(lines) + "\n")
 
