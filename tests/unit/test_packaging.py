@@ -18,3 +18,10 @@ def test_every_package_folder_is_declared() -> None:
             rel = init.parent.relative_to(ROOT / folder)
             found.add(".".join([prefix, *rel.parts]))
     assert found == declared
+
+
+def test_test_file_names_are_unique() -> None:
+    """tests/unit and tests/integration are not packages: pytest refuses two modules with the
+    same basename, which would stop the whole run at collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
