@@ -10,43 +10,23 @@ nothing happens; with the coordinator stopped, revoke says clearly that it canno
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import cluster_cli
+from cluster_cli import eventually, ok
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-LAB = str(BIN / "lab")
 PG, MON = "postgres/master-password", "monitoring/api-key"
 
 
-def lab(*args: str, home: Path | None = None, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    env = dict(os.environ, NO_COLOR="1", LAB_CHECKIN_INTERVAL="1")
-    for k in ("LAB_DEFINITIONS", "LAB_RUNTIME_DIR", "LAB_SECRETS_DIR"):
-        env.pop(k, None)
-    if home is not None:
-        env["LAB_HOME"] = str(home)
-    return subprocess.run([LAB, *args], env=env, input=stdin, capture_output=True, timeout=120)
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> str:
-    assert r.returncode == 0, r.stderr.decode(errors="replace")
-    return r.stdout.decode()
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def lab(*args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return cluster_cli.lab(*args, env={"LAB_CHECKIN_INTERVAL": "1"}, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

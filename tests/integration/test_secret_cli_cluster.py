@@ -10,14 +10,12 @@ unreachable while still exiting 0 (and `lab get secrets` still answers from stor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_cli import eventually, lab, ok
 
 pytestmark = pytest.mark.slow
 
@@ -25,27 +23,6 @@ LAB = str(Path(sys.executable).parent / "lab")
 PG = "postgres/master-password"
 
 
-def lab(*args: str, home: Path | None = None, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    env = dict(os.environ, NO_COLOR="1")
-    for k in ("LAB_DEFINITIONS", "LAB_RUNTIME_DIR", "LAB_SECRETS_DIR", "LAB_PUPPET_MODULES"):
-        env.pop(k, None)
-    if home is not None:
-        env["LAB_HOME"] = str(home)
-    return subprocess.run([LAB, *args], env=env, input=stdin, capture_output=True, timeout=120)
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> str:
-    assert r.returncode == 0, r.stderr.decode(errors="replace")
-    return r.stdout.decode()
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
