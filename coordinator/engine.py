@@ -478,6 +478,21 @@ class Engine(AlertsMixin):
         """`lab describe server NAME`: the four pillars in detail (built in coordinator/reports.py)."""
         return _describe_server(self, name, time.time())
 
+    # -- lifecycle actions (lab dash streams what they say; the CLI has its own commands) -------
+
+    def plan(self, name: str) -> list[str]:
+        """What `lab sync server` would reconcile: the current diff, as lines."""
+        from lab.coordinator import lifecycle
+
+        return lifecycle.diff_lines(lifecycle.diff(self, name))
+
+    def sync(self, name: str) -> list[str]:
+        """`lab sync server NAME`, as lines."""
+        from lab.coordinator import lifecycle
+
+        r = lifecycle.sync(self, name)
+        return [*r["done"], *(f"by hand: {m}" for m in r["by_hand"]), *lifecycle.diff_lines(r)]
+
     def reload(self) -> None:
         """Forget cached definitions and fleet, so the next call sees edits made elsewhere
         (definition files, other `lab` processes writing state.db)."""

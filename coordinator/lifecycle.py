@@ -562,3 +562,51 @@ def split(values: Iterable[str] | None) -> list[str]:
     for v in values or ():
         out.extend(x.strip() for x in v.split(",") if x.strip())
     return out
+
+
+# -- sync: what lab can reconcile itself, and what it cannot -------------------------------------
+
+
+def republish(home: Any) -> str | None:
+    """Republish the signed policy when the cluster config names stores; a line to print, or None."""
+    from lab.coordinator import cluster
+
+    stores = cluster.configured_stores(home)
+    if not stores:
+        return None
+    try:
+        r = cluster.publish_policy(home, stores)
+    except LabError as exc:
+        return f"! policy not republished: {exc} (run `lab cluster publish` once the stores answer)"
+    return f"→ policy version {r['version']} published to {len(r['stores'])} store(s)"
+
+
+def by_hand(item: dict[str, Any], name: str) -> str | None:
+    key, st = item["key"], item["status"]
+    if st != "drift" or key == "size":  # size: its cores/memory/disk lines say what is short
+        return None
+    if key in ("cores", "memory", "disk", "size"):
+        return f"{key}: the machine has {item['actual'] or 'less'} but {item['declared']} is declared — resize it, or declare a smaller size (`lab plan server {name} --size S`)"
+    if key == "environment":
+        return f"environment: Puppet ran in {item['actual']!r}, {item['declared']!r} is declared — set `environment = {item['declared']}` in the agent's puppet.conf, or `lab plan server {name} --environment {item['actual']}`"
+    if key.startswith("class ") or key == "puppet_run":
+        return f"{key}: {item['note'] or 'not applied'} — fix the failing resources and run Puppet on the host (`puppet agent -t`); lab does not trigger Puppet runs"
+    if key.startswith("label "):
+        return f"{key}: not defined — define it in the definitions or relabel (`lab server relabel {name} --labels …`)"
+    return f"{key}: {item['note'] or 'drift'}"
+
+
+def sync(engine: Any, name: str) -> dict[str, Any]:
+    """Re-apply what lab controls (labels reach the agent at check-in; the signed secret policy is
+    republished to the cluster's stores), audit it, and say what only a person can fix."""
+    before = diff(engine, name)
+    record = engine.state.get_server(name)
+    with engine.state.transaction():
+        engine.state.audit("server.sync", name, {"sync": before["sync"], "drift": [i["key"] for i in before["items"] if i["status"] == "drift"]})
+    published = republish(engine.paths.home)
+    after = diff(engine, name)
+    done = [published] if published else []
+    if record.enrolled_at:
+        done.append(f"→ labels {','.join(record.labels) or 'none'} are sent to the agent at its next check-in")
+    manual = [m for m in (by_hand(i, name) for i in after["items"]) if m]
+    return {**after, "before": before["sync"], "done": done, "by_hand": manual}

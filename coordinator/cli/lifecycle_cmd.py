@@ -138,20 +138,6 @@ def _write_inventory(engine: Any, plan: dict[str, Any], current: Any | None) -> 
     return done
 
 
-def _republish(home: Any) -> str | None:
-    """Republish the signed policy when the cluster config names stores; a line to print, or None."""
-    from lab.coordinator import cluster
-
-    stores = cluster.configured_stores(home)
-    if not stores:
-        return None
-    try:
-        r = cluster.publish_policy(home, stores)
-    except LabError as exc:
-        return f"! policy not republished: {exc} (run `lab cluster publish` once the stores answer)"
-    return f"→ policy version {r['version']} published to {len(r['stores'])} store(s)"
-
-
 def _onboard(plan: dict[str, Any], yes: bool, accept_new_host_key: bool, definitions: str | None) -> None:
     """Hand over to `lab onboard NAME --provider ssh …` (coordinator/providers/ssh.py)."""
     from typer.main import get_command
@@ -207,7 +193,7 @@ def apply_server(
     if plan["provider"] == "ssh" and plan["new"]:
         _say(f"  no host given: nothing was installed. Onboard it with `lab plan server {name} --host H` + `lab apply server {name}`, or `lab onboard {name} --provider ssh --host H`")
     if done and not plan["new"]:
-        line = _republish(paths.home)
+        line = lifecycle.republish(paths.home)
         if line:
             _say(f"  {line}")
     lifecycle.drop_plan(paths.home, name)
@@ -216,39 +202,12 @@ def apply_server(
 # -- sync ----------------------------------------------------------------------------------------
 
 
-def _by_hand(item: dict[str, Any], name: str) -> str | None:
-    key, st = item["key"], item["status"]
-    if st != "drift" or key == "size":  # size: its cores/memory/disk lines say what is short
-        return None
-    if key in ("cores", "memory", "disk", "size"):
-        return f"{key}: the machine has {item['actual'] or 'less'} but {item['declared']} is declared — resize it, or declare a smaller size (`lab plan server {name} --size S`)"
-    if key == "environment":
-        return f"environment: Puppet ran in {item['actual']!r}, {item['declared']!r} is declared — set `environment = {item['declared']}` in the agent's puppet.conf, or `lab plan server {name} --environment {item['actual']}`"
-    if key.startswith("class ") or key == "puppet_run":
-        return f"{key}: {item['note'] or 'not applied'} — fix the failing resources and run Puppet on the host (`puppet agent -t`); lab does not trigger Puppet runs"
-    if key.startswith("label "):
-        return f"{key}: not defined — define it in the definitions or relabel (`lab server relabel {name} --labels …`)"
-    return f"{key}: {item['note'] or 'drift'}"
-
-
 @sync_app.command("server")
 def sync_server(name: str, definitions: base.Definitions = None, output: base.Output = "table") -> None:
     """Re-apply what lab controls (labels and the secret policy), list what must be fixed by hand, show the diff."""
     fmt = base._format(output)
-    paths = base.Paths.resolve(definitions)
     with base._engine(definitions, local=True) as engine:
-        before = lifecycle.diff(engine, name)
-        record = engine.state.get_server(name)
-        with engine.state.transaction():
-            engine.state.audit("server.sync", name, {"sync": before["sync"], "drift": [i["key"] for i in before["items"] if i["status"] == "drift"]})
-    published = _republish(paths.home)
-    with base._engine(definitions, local=True) as engine:
-        after = lifecycle.diff(engine, name)
-    manual = [m for m in (_by_hand(i, name) for i in after["items"]) if m]
-    done = [published] if published else []
-    if record.enrolled_at:
-        done.append(f"→ labels {','.join(record.labels) or 'none'} are sent to the agent at its next check-in")
-    result = {**after, "before": before["sync"], "done": done, "by_hand": manual}
+        result = lifecycle.sync(engine, name)
 
     def human(r: dict[str, Any], out: TextIO) -> None:
         for line in r["done"]:

@@ -79,7 +79,7 @@ def run_action(engine: Any, action: str, target: models.Target, emit: Callable[[
     words, names = ACTION_METHODS[action]
     method = next((getattr(engine, n) for n in names if callable(getattr(engine, n, None))), None)
     if method is None:
-        emit(f"not available yet: {words} (needs the lifecycle issue)")
+        emit(f"not available from the dashboard: {words} (use the lab command line)")
         return
     emit(f"{words} {target.name}: started")
     result = method(target.name)

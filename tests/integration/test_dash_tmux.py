@@ -189,11 +189,11 @@ def test_dash_in_a_real_terminal(tmux: Tmux) -> None:
     screen = tmux.wait(framed(80, 24, "Servers [50]"))
     assert_fits(screen, 80, 24)
 
-    # an action asks first, then says it is not there yet
+    # an action asks first, then streams what the lifecycle says into the log pane
     tmux.keys("S")
     tmux.wait("Run sync on")
     tmux.keys("y")
-    screen = tmux.wait("not available yet: sync (needs the lifecycle issue)")
+    screen = tmux.wait(": done")
     assert_fits(screen, 80, 24)
 
     # NO_COLOR: attributes only, no colours

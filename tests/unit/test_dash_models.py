@@ -350,10 +350,10 @@ def test_actions_missing_from_the_engine_say_so() -> None:
     for action in ("sync", "plan", "apply", "renew"):
         source.run_action(NoLifecycle(), action, Target("server", "a"), lines.append)
     assert lines == [
-        "not available yet: sync (needs the lifecycle issue)",
-        "not available yet: plan (needs the lifecycle issue)",
-        "not available yet: apply (needs the lifecycle issue)",
-        "not available yet: identity renew (needs the lifecycle issue)",
+        "not available from the dashboard: sync (use the lab command line)",
+        "not available from the dashboard: plan (use the lab command line)",
+        "not available from the dashboard: apply (use the lab command line)",
+        "not available from the dashboard: identity renew (use the lab command line)",
     ]
 
 

@@ -172,7 +172,7 @@ def test_actions_confirm_then_log(engine: Engine) -> None:
             time.sleep(0.01)
             d.dash._on_wake(b"!")
         assert "$ identity renew batch-worker-1" in d.text()
-        assert "not available yet: identity renew (needs the lifecycle issue)" in d.text()
+        assert "not available from the dashboard: identity renew (use the lab command line)" in d.text()
     finally:
         d.dash.actions.close()
     d.keys(":", "labels", "enter", "A")

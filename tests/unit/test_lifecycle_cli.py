@@ -145,3 +145,20 @@ def test_apply_with_a_host_hands_over_to_ssh_onboarding(home: pathlib.Path, caps
     assert code == 4 and "onboard failed at step 'connect'" in err and "HOST KEY MISMATCH" in err
     assert seen == {"host": "10.0.0.5", "port": 2222, "user": "admin", "accept_new": False}
     assert json.loads(lab(capsys, "get", "servers", "-o", "json")[1])[0]["labels"] == ["app"]
+
+
+def test_dash_actions_reach_the_lifecycle(home: pathlib.Path, capsys) -> None:
+    from lab.coordinator.tui import models, source
+
+    assert lab(capsys, "server", "add", "db-1", "-p", "baremetal", "--labels", "postgres", "-e", "production")[0] == 0
+    record("db-1", facts=small_vm(), puppet={"status": "ok", "time": time.time() - 60, "environment": "production",
+                                             "failed_resources": [], "errors": []})
+    said: list[str] = []
+    with Engine.open(Paths.resolve()) as engine:
+        source.run_action(engine, "sync", models.Target("server", "db-1"), said.append)
+        assert not any("not available" in line for line in said)
+        assert said[0] == "sync db-1: started" and said[-1] == "sync db-1: done"
+        assert any(line.startswith("by hand: cores:") for line in said)
+        assert any(line.startswith("- cores: 8") for line in said)
+        assert engine.state.audit_log(1)[0].action == "server.sync"
+        assert engine.plan("db-1") == [line for line in said if line[:2] in ("  ", "- ", "+ ", "? ") or line.startswith("db-1:")]
