@@ -241,7 +241,7 @@ class Engine(AlertsMixin):
         return set(self.fleet().select(flt.selector(), Exclude(servers=frozenset(flt.exclude)) if flt.exclude else None))
 
     def get_servers(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
-        servers = self.state.list_servers()
+        servers = self.state.list_servers(facts="summary")  # the pillars need only a few facts
         if not flt.is_empty():
             if flt.groups:
                 chosen = self._selected(flt) or set()

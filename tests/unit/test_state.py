@@ -714,3 +714,27 @@ def test_random_operations_match_a_dict_model(home: Path, clock: Clock) -> None:
         run()
     finally:
         db.close()
+
+
+def test_list_servers_facts_summary_keeps_only_what_listings_use(tmp_path: Path) -> None:
+    facts = {
+        "cpu": {"model": "EPYC", "cores": 64, "threads": 128},
+        "memory_bytes": 256 * 2**30,
+        "disks": [{"name": "nvme0n1", "size_bytes": 1920 * 10**9, "kind": "nvme"}],
+        "nics": [{"name": "eth0", "speed_mbps": 25000}],
+        "gpus": [{"model": "A100"}],
+        "notes": ["n"],
+    }
+    with StateDB.open(tmp_path) as db:
+        db.add_server("full", "ssh", [])
+        db.add_server("none", "ssh", [])
+        db.add_server("stage", "baremetal", [])
+        db.update_server("full", facts=facts)
+        db.update_server("stage", facts={"onboarding": {"stage": "dhcp"}})
+        summary = {s.name: s.facts for s in db.list_servers(facts="summary")}
+        assert summary["full"] == {k: facts[k] for k in ("cpu", "memory_bytes", "disks")}
+        assert summary["none"] is None
+        assert summary["stage"] == {"onboarding": {"stage": "dhcp"}}
+        assert {s.name: s.facts for s in db.list_servers()}["full"] == facts
+        with pytest.raises(UsageError):
+            db.list_servers(facts="some")
