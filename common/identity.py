@@ -52,7 +52,8 @@ __all__ = [
     "CLOCK_SKEW", "FINGERPRINT_LEN", "KEY_LEN", "TOKEN_PREFIX",
     "Certificate", "CertificateAuthority", "JoinToken", "NodeKey", "RevocationList",
     "fingerprint", "hash_token_secret", "matches_fingerprint", "mint_token", "parse_token_untrusted",
-    "read_private_file", "token_matches", "verify_certificate", "verify_token", "write_private_file",
+    "load_key_file", "read_private_file", "save_key_file", "token_matches", "verify_certificate", "verify_token",
+    "write_private_file",
 ]
 
 KEY_LEN: Final = 32
@@ -219,7 +220,8 @@ def read_private_file(path: str | os.PathLike[str], *, max_size: int = 65536) ->
         os.close(fd)
 
 
-def _save_key(path: str | os.PathLike[str], kind: str, secret: memoryview, overwrite: bool) -> None:
+def save_key_file(path: str | os.PathLike[str], kind: str, secret: memoryview | bytes, overwrite: bool = False) -> None:
+    """Write a 32-byte key as one line ``KIND base64``, 0600 from the first byte."""
     line = bytearray(kind.encode() + b" " + base64.b64encode(secret) + b"\n")
     try:
         write_private_file(path, line, overwrite=overwrite)
@@ -227,7 +229,9 @@ def _save_key(path: str | os.PathLike[str], kind: str, secret: memoryview, overw
         line[:] = bytes(len(line))
 
 
-def _load_key(path: str | os.PathLike[str], kind: str) -> SecretBuffer:
+def load_key_file(path: str | os.PathLike[str], kind: str) -> SecretBuffer:
+    """Read a key written by :func:`save_key_file` into locked memory; a wrong kind, bad base64
+    or wrong length is a ConfigError naming the file."""
     raw = read_private_file(path, max_size=256)
     try:
         head, sep, body = bytes(raw).strip().partition(b" ")
@@ -267,7 +271,7 @@ class NodeKey:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NodeKey:
-        return cls(_load_key(path, cls.KIND))
+        return cls(load_key_file(path, cls.KIND))
 
     @classmethod
     def load_or_generate(cls, path: str | os.PathLike[str]) -> NodeKey:
@@ -280,7 +284,7 @@ class NodeKey:
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         with self._private.view() as sk:
-            _save_key(path, self.KIND, sk, overwrite)
+            save_key_file(path, self.KIND, sk, overwrite)
 
     def private_view(self) -> memoryview:
         """Read-only view of the private scalar; release it soon (``with key.private_view() as v``)."""
@@ -505,11 +509,11 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CertificateAuthority:
-        return cls(_load_key(path, cls.KIND))
+        return cls(load_key_file(path, cls.KIND))
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         with self._seed.view() as s:
-            _save_key(path, self.KIND, s, overwrite)
+            save_key_file(path, self.KIND, s, overwrite)
 
     @property
     def fingerprint(self) -> str:

@@ -7,7 +7,7 @@
   key (``crypto_box_seal``: ephemeral sender key, only the holder of the node's private key opens
   it). :func:`seal_for` / :func:`open_sealed`.
 * **At rest**: each replica keeps the key wrapped by its *machine key*, a 32-byte local key in a
-  file created 0600 through :func:`lab.common.identity.write_private_file` (default
+  file created 0600 through :func:`lab.common.identity.save_key_file` (default
   ``<store dir>/machine.key``; point it elsewhere, e.g. onto a TPM-sealed or removable location,
   with ``machine_key_path``). The wrapped form, stored in the LMDB ``meta`` table, is
   ``nonce(24) || XChaCha20-Poly1305(machine key, dataset key, AD = "lab.dskey.v1\\0" || dataset id)``.
@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import secrets
 from pathlib import Path
@@ -27,7 +25,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from lab.common.errors import ConfigError, StoreError
-from lab.common.identity import NodeKey, read_private_file, write_private_file
+from lab.common.identity import NodeKey, load_key_file, save_key_file
 from lab.common.securemem import SecretBuffer
 
 __all__ = ["MACHINE_KEY_KIND", "load_or_create_machine_key", "new_dataset_key", "open_sealed", "seal_for", "unwrap", "wrap"]
@@ -46,28 +44,12 @@ def load_or_create_machine_key(path: str | os.PathLike[str], *, create: bool = T
     """Read the machine key file, creating it (0600, atomically) on first use when ``create``."""
     path = Path(path)
     if create and not path.exists():
-        line = bytearray(MACHINE_KEY_KIND.encode() + b" " + base64.b64encode(secrets.token_bytes(KEY_LEN)) + b"\n")
         try:
-            write_private_file(path, line)
+            save_key_file(path, MACHINE_KEY_KIND, secrets.token_bytes(KEY_LEN))
         except ConfigError:
             if not path.exists():  # lost a race with another opener: theirs is as good
                 raise
-        finally:
-            line[:] = bytes(len(line))
-    raw = read_private_file(path, max_size=256)
-    try:
-        head, sep, body = bytes(raw).strip().partition(b" ")
-        if head != MACHINE_KEY_KIND.encode() or not sep:
-            raise ConfigError(f"not a {MACHINE_KEY_KIND} file", file=str(path))
-        try:
-            key = base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ConfigError("machine key file is not valid base64", file=str(path)) from exc
-        if len(key) != KEY_LEN:
-            raise ConfigError(f"machine key must be {KEY_LEN} bytes", file=str(path))
-        return SecretBuffer.from_bytes(key)
-    finally:
-        raw[:] = bytes(len(raw))
+    return load_key_file(path, MACHINE_KEY_KIND)
 
 
 def wrap(machine_key: SecretBuffer, dataset_key: SecretBuffer, dataset_id: bytes) -> bytes:
