@@ -13,7 +13,7 @@ import typer  # noqa: E402
 from lab.common.errors import LabError  # noqa: E402
 
 # Output helpers are shared with `lab` (they decide nothing about content).
-from lab.coordinator.cli.render import FORMATS, emit  # noqa: E402
+from lab.common.render import FORMATS, emit  # noqa: E402
 
 app = typer.Typer(
     name="lab-agent",

@@ -16,7 +16,7 @@ import typer
 from lab.agent import localclient
 from lab.common.errors import AuthError, LabError
 from lab.coordinator.cli import app as base
-from lab.coordinator.cli.render import FAIL, OK, WARN, emit, table
+from lab.common.render import FAIL, OK, WARN, emit, table
 
 app = base.app
 

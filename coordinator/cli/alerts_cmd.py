@@ -9,7 +9,7 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from lab.coordinator.cli import app as base
-from lab.coordinator.cli.render import emit
+from lab.common.render import emit
 
 app = base.app
 

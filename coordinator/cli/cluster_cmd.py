@@ -12,7 +12,7 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from lab.coordinator.cli.app import Output, _format, subcommand
-from lab.coordinator.cli.render import emit, table
+from lab.common.render import emit, table
 
 cluster_app = subcommand("cluster", "A local cluster on 127.0.0.1: coordinator, stores and agents as real processes.")
 

@@ -12,7 +12,7 @@ import typer
 
 from lab.coordinator.cli import views
 from lab.coordinator.cli.app import Definitions, Output, _query, app
-from lab.coordinator.cli.render import pillar, tree
+from lab.common.render import pillar, tree
 
 describe_app = typer.Typer(rich_markup_mode=None, help="Describe one thing in detail: its status pillars.", no_args_is_help=True)
 app.add_typer(describe_app, name="describe")

@@ -16,7 +16,7 @@ import typer
 from lab.common.errors import UsageError
 from lab.coordinator import identity_ops as ops
 from lab.coordinator.cli import app as base
-from lab.coordinator.cli.render import emit
+from lab.common.render import emit
 
 identity_app = base.subcommand("identity", "Node certificates: revoke, renew, show.")
 

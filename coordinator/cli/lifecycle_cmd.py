@@ -16,7 +16,7 @@ import typer
 from lab.common.errors import LabError, NotFound
 from lab.coordinator import lifecycle
 from lab.coordinator.cli import app as base
-from lab.coordinator.cli.render import emit
+from lab.common.render import emit
 
 diff_app = base.subcommand("diff", "What would change, as +/- lines.")
 plan_app = base.subcommand("plan", "Preview what `lab apply` would create or change; nothing is written but the plan.")

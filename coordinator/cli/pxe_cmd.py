@@ -18,7 +18,7 @@ import typer
 
 from lab.common.errors import ConfigError, UsageError
 from lab.coordinator.cli.app import Output, _format, app
-from lab.coordinator.cli.render import emit, table
+from lab.common.render import emit, table
 from lab.coordinator.engine import Paths
 
 image_app = typer.Typer(rich_markup_mode=None, help="Installer images served over network boot.", no_args_is_help=True)

@@ -23,7 +23,7 @@ import typer
 from lab.common.config import parse_duration
 from lab.common.errors import NotFound, StoreError, UsageError
 from lab.coordinator.cli.app import Definitions, Output, _engine, _format, app, subcommand
-from lab.coordinator.cli.render import emit
+from lab.common.render import emit
 from lab.coordinator.policy import audit as audit_policy
 from lab.coordinator.policy import compile_policy
 from lab.store import backup as backup_mod

@@ -17,7 +17,7 @@ from lab.common.errors import ConfigError
 from lab.common.identity import fingerprint
 from lab.coordinator import tokens
 from lab.coordinator.cli import app as base
-from lab.coordinator.cli.render import emit, table
+from lab.common.render import emit, table
 from lab.coordinator.engine import _split
 
 token_app = base.subcommand("token", "One-time join tokens for enrolling agents.")

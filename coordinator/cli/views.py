@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, TextIO
 
-from lab.coordinator.cli.render import aligned, pillar, table, tree
+from lab.common.render import aligned, pillar, table, tree
 
 View = dict[str, Any]
 
