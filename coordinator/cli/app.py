@@ -12,10 +12,10 @@ os.environ.setdefault("TYPER_USE_RICH", "0")  # plain usage errors; must precede
 
 import typer  # noqa: E402
 
-from lab.common.errors import ConfigError, LabError
 from lab.common import render
-from lab.coordinator.cli import views
+from lab.common.errors import ConfigError, LabError
 from lab.common.render import emit
+from lab.coordinator.cli import views
 from lab.coordinator.engine import Engine, Paths, ServerFilter, _read_settings
 
 app = typer.Typer(
