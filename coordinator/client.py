@@ -19,14 +19,15 @@ from lab.coordinator.daemon import parse_endpoint
 from lab.coordinator.engine import Paths, ServerFilter, _read_settings
 from lab.coordinator.enrollment import load_identity
 
-__all__ = ["RemoteEngine"]
+__all__ = ["RemoteEngine", "RemoteLifecycle"]
 
 DEFAULT_TIMEOUT = 30.0
 
 
 class RemoteEngine:
     """Same method names and return values as :class:`~lab.coordinator.engine.Engine` (the subset
-    the daemon allows: ``lab get/show/targets`` and inventory writes)."""
+    the daemon allows: ``lab get/show/targets/describe`` and inventory writes), and
+    :attr:`lifecycle` (`lab diff|plan|apply|sync server` run by the daemon)."""
 
     def __init__(self, paths: Paths, host: str, port: int, identity: rpc.Identity, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.paths = paths
@@ -128,3 +129,48 @@ class RemoteEngine:
 
     def remove_server(self, name: str) -> None:
         self.call("remove_server", {"name": name})
+
+    # -- lifecycle (`lab diff|plan|apply|sync server`, the daemon's `lifecycle.*`) ----------------
+
+    @property
+    def lifecycle(self) -> RemoteLifecycle:
+        """The same operations as :class:`lab.coordinator.lifecycle_api.Lifecycle`, run by the daemon."""
+        return RemoteLifecycle(self)
+
+    def call_method(self, method: str, body: dict[str, Any]) -> Any:
+        """One daemon method outside ``engine.*`` that answers ``{"result", "warnings"}``."""
+        reply = trio.run(self._acall, method, body)
+        self._warnings.extend(str(w) for w in reply.get("warnings") or [])
+        return reply.get("result")
+
+
+class RemoteLifecycle:
+    """``lifecycle.diff|plan|apply|sync`` on the daemon: plans are stored on the coordinator, where
+    apply reads them; a stale plan is refused there (:class:`~lab.coordinator.lifecycle.StalePlan`
+    again here, with its exit status)."""
+
+    def __init__(self, engine: RemoteEngine) -> None:
+        self.engine = engine
+
+    def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        from lab.coordinator import lifecycle
+
+        try:
+            return self.engine.call_method(method, body)  # type: ignore[no-any-return]
+        except rpc.RemoteError as exc:
+            if exc.code == lifecycle.StalePlan.code:
+                raise lifecycle.StalePlan(str(exc)) from None
+            raise
+
+    def diff(self, name: str) -> dict[str, Any]:
+        return self._call("lifecycle.diff", {"name": name})
+
+    def plan(self, name: str, **options: Any) -> dict[str, Any]:
+        body = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in options.items()}
+        return self._call("lifecycle.plan", {"name": name, **body})
+
+    def apply(self, name: str) -> dict[str, Any]:
+        return self._call("lifecycle.apply", {"name": name})
+
+    def sync(self, name: str) -> dict[str, Any]:
+        return self._call("lifecycle.sync", {"name": name})

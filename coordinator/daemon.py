@@ -6,7 +6,9 @@ One root nursery; :func:`serve` follows the ``task_status`` convention. Methods:
 * ``checkin`` — any enrolled node (its certificate names it);
 * ``engine.<method>`` — certificates with the ``admin`` role: the read methods of
   :class:`~lab.coordinator.engine.Engine` in :data:`ENGINE_READ` and the inventory writes in
-  :data:`ENGINE_WRITE`, nothing else. Replies ``{"result": …, "warnings": [...]}``.
+  :data:`ENGINE_WRITE`, nothing else. Replies ``{"result": …, "warnings": [...]}``;
+* ``lifecycle.diff|plan|apply|sync`` — ``admin`` role too: `lab diff|plan|apply|sync server` on the
+  daemon's engine and home (coordinator/lifecycle_api.py).
 
 State is SQLite used from the trio thread: each call is short, and the daemon serialises them.
 """
@@ -99,6 +101,10 @@ class Coordinator:
             return {"name": self.enrollment.endpoint}
         if method.startswith("identity.") and getattr(self, "identity_ops", None) is not None:  # [identity] issue 6
             return await self.identity_ops.handle(peer, method, req.body)
+        if method.startswith("lifecycle."):  # [lifecycle] admin only, checked there: coordinator/lifecycle_api.py
+            from lab.coordinator.lifecycle_api import LifecycleService
+
+            return await LifecycleService(self.engine).handle(peer, method, req.body)
         raise NotFound(f"no method {method!r}")
 
     def _engine_call(self, peer: rpc.PeerInfo, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -550,6 +550,7 @@ def drop_plan(home: pathlib.Path, name: str) -> None:
 
 class StalePlan(LabError):
     exit_code = 3
+    code = "stale-plan"  # the RPC error code: RemoteEngine raises StalePlan again (same exit status)
 
 
 def not_implemented(provider: str) -> str:
@@ -596,14 +597,16 @@ def by_hand(item: dict[str, Any], name: str) -> str | None:
     return f"{key}: {item['note'] or 'drift'}"
 
 
-def sync(engine: Any, name: str) -> dict[str, Any]:
+def sync(engine: Any, name: str, *, actor: str = "local", publish: bool = True) -> dict[str, Any]:
     """Re-apply what lab controls (labels reach the agent at check-in; the signed secret policy is
-    republished to the cluster's stores), audit it, and say what only a person can fix."""
+    republished to the cluster's stores), audit it as ``actor``, and say what only a person can fix.
+    ``publish=False`` leaves the policy to the caller (the daemon publishes from a worker thread and
+    puts :func:`republish`'s line first in ``done``)."""
     before = diff(engine, name)
     record = engine.state.get_server(name)
     with engine.state.transaction():
-        engine.state.audit("server.sync", name, {"sync": before["sync"], "drift": [i["key"] for i in before["items"] if i["status"] == "drift"]})
-    published = republish(engine.paths.home)
+        engine.state.audit("server.sync", name, {"sync": before["sync"], "drift": [i["key"] for i in before["items"] if i["status"] == "drift"]}, actor=actor)
+    published = republish(engine.paths.home) if publish else None
     after = diff(engine, name)
     done = [published] if published else []
     if record.enrolled_at:

@@ -9,7 +9,7 @@ import typer
 
 from lab.common.errors import LabError, UsageError
 from lab.coordinator.cli.app import Definitions, app
-from lab.coordinator.engine import Engine, Paths
+from lab.coordinator.engine import Paths
 
 DEFAULT_REFRESH = 2.0
 
@@ -24,12 +24,14 @@ def dash(
         raise UsageError("lab dash needs a terminal (for scripts use `lab get …` and `lab show …`)")
     try:
         from lab.coordinator.tui.app import run_dash
+        from lab.coordinator.tui.source import engine_opener
     except ImportError as exc:
         raise LabError(f"lab dash needs the urwid package: {exc}") from exc
     paths = Paths.resolve(definitions)
-    Engine.open(paths).close()  # fail here, in one line, when LAB_HOME cannot be opened at all
+    opener = engine_opener(paths)  # the daemon's engine in a connected home, else this home's
+    opener().close()  # fail here, in one line, when the engine cannot be opened at all
     try:
-        run_dash(lambda: Engine.open(paths), refresh=refresh)
+        run_dash(opener, refresh=refresh)
     except LabError:
         raise
     except Exception as exc:  # noqa: BLE001 — a traceback means a bug, but never on the screen

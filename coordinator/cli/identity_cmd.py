@@ -82,9 +82,13 @@ def identity_renew(
 
     paths = Paths.resolve(definitions)
     result = ops.call_daemon(paths.home, "identity.renew", {"name": name})
-    emit(result, fmt, lambda r, out: out.write(
-        f"✓ {r['name']}: certificate {r['serial']} issued (valid until {_iso(r['not_after'])}); the agent picks it up at "
-        f"its next check-in, then serial {r['old_serial']} is revoked\n"))
+    emit(result, fmt, lambda r, out: out.write(renew_line(r) + "\n"))
+
+
+def renew_line(r: dict[str, Any]) -> str:
+    """What a renewal did, in one line (`lab identity renew`, and `R` in `lab dash`)."""
+    return (f"✓ {r['name']}: certificate {r['serial']} issued (valid until {_iso(r['not_after'])}); the agent picks it up at "
+            f"its next check-in, then serial {r['old_serial']} is revoked")  # fmt: skip
 
 
 @identity_app.command("show")

@@ -1,10 +1,10 @@
 """`lab diff|plan|apply|sync server NAME` (spec: "lab diff server db-1"; docs/LIFECYCLE.md).
 
 Registers on the ``app`` of :mod:`lab.coordinator.cli.app` when imported there (one line). The
-comparison and the plan are pure (:mod:`lab.coordinator.lifecycle`); this module does the I/O:
-plan files, inventory writes with audit entries, onboarding over SSH, policy publication.
-These commands work on this home's state.db (like `lab token`), also when `lab server connect`
-is set: run them on the coordinator host.
+comparison and the plan are pure (:mod:`lab.coordinator.lifecycle`); the operations (plan files,
+inventory writes with audit entries, policy publication) are :mod:`lab.coordinator.lifecycle_api`,
+run in-process in local mode and by the coordinator daemon after `lab server connect` (plans are
+then stored on the coordinator). This module prints, and hands SSH onboarding to `lab onboard`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from lab.common.errors import LabError, NotFound
-from lab.coordinator import lifecycle
+from lab.coordinator import lifecycle, lifecycle_api
 from lab.coordinator.cli import app as base
 from lab.common.render import emit
 
@@ -26,13 +25,6 @@ sync_app = base.subcommand("sync", "Reconcile drift that lab can fix; say what m
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def _record(engine: Any, name: str) -> Any | None:
-    try:
-        return engine.state.get_server(name)
-    except NotFound:
-        return None
 
 
 def diff_view(r: dict[str, Any], out: TextIO) -> None:
@@ -48,8 +40,8 @@ def diff_view(r: dict[str, Any], out: TextIO) -> None:
 def diff_server(name: str, definitions: base.Definitions = None, output: base.Output = "table") -> None:
     """Declared spec vs what the agent reported: unchanged lines indented, - declared, + actual."""
     fmt = base._format(output)
-    with base._engine(definitions, local=True) as engine:
-        result = lifecycle.diff(engine, name)
+    with base._engine(definitions) as engine:
+        result = lifecycle_api.ops(engine).diff(name)
     emit(result, fmt, diff_view)
 
 
@@ -79,16 +71,11 @@ def plan_server(
     validate_server_name(name)
     label_list = lifecycle.split(labels) if labels else None
     hosts = lifecycle.split(host)
-    with base._engine(definitions, local=True) as engine:
-        current = _record(engine, name)
-        zone = (base._read_settings(engine.paths.home).get("dns") or {}).get("zone")
-        ssh = {"port": port, "user": user, "identity": identity, "server": server} if hosts else {}
-        plan = lifecycle.make_plan(
-            engine.definitions, name, current, labels=label_list, provider=provider, environment=environment,
-            region=region, size=size, hosts=hosts, ssh=ssh, dns_zone=zone,
+    ssh = {"port": port, "user": user, "identity": identity, "server": server} if hosts else {}
+    with base._engine(definitions) as engine:
+        plan = lifecycle_api.ops(engine).plan(
+            name, labels=label_list, provider=provider, environment=environment, region=region, size=size, hosts=hosts, ssh=ssh,
         )  # fmt: skip
-        path = lifecycle.save_plan(engine.paths.home, plan)
-    plan["path"] = str(path)
 
     def human(p: dict[str, Any], out: TextIO) -> None:
         state = "new server" if p["new"] else ("enrolled" if p["enrolled"] else "in the inventory, not enrolled")
@@ -114,28 +101,6 @@ def _action_text(p: dict[str, Any]) -> str:
 
 
 # -- apply ---------------------------------------------------------------------------------------
-
-
-def _write_inventory(engine: Any, plan: dict[str, Any], current: Any | None) -> list[str]:
-    """Create or update the inventory record as planned; returns what was done."""
-    t = plan["target"]
-    name = plan["server"]
-    done: list[str] = []
-    if current is None:
-        engine.add_server(name, plan["provider"], t["labels"], t["environment"], t["region"], t["size"])
-        return [f"registered {name} in the inventory (provider {plan['provider']}; labels: {','.join(t['labels']) or 'none'})"]
-    if list(current.labels) != t["labels"]:
-        engine.set_labels(name, t["labels"])
-        done.append(f"labels: {','.join(t['labels']) or 'none'}")
-    fields = {k: t[k] for k in ("environment", "region", "size") if getattr(current, k) != t[k]}
-    if fields:
-        with engine.state.transaction():
-            engine.state.update_server(name, **fields)
-            engine.state.audit("server.update", name, {k: {"before": getattr(current, k), "after": v} for k, v in fields.items()})
-        engine.state.maybe_snapshot()
-        engine.reload()
-        done += [f"{k}: {v}" for k, v in fields.items()]
-    return done
 
 
 def _onboard(plan: dict[str, Any], yes: bool, accept_new_host_key: bool, definitions: str | None) -> None:
@@ -173,30 +138,12 @@ def apply_server(
     definitions: base.Definitions = None,
 ) -> None:
     """Apply exactly what `lab plan server NAME` showed; refuse a stale plan."""
-    paths = base.Paths.resolve(definitions)
-    plan = lifecycle.load_plan(paths.home, name)
-    if plan["action"] == "not-implemented":
-        raise LabError(lifecycle.not_implemented(plan["provider"]) + "; nothing was changed")
-    with base._engine(definitions, local=True) as engine:
-        current = _record(engine, name)
-        lifecycle.check_plan(plan, engine.definitions, current)
-        done = _write_inventory(engine, plan, current)
-    for line in done:
-        _say(f"✓ {line}")
-    if not done:
-        _say(f"✓ {name}: inventory already as planned")
-    if plan["action"] == "onboard":
-        _say(f"→ onboarding {name} over SSH at {plan['hosts'][0]}")
-        lifecycle.drop_plan(paths.home, name)  # the inventory part is applied; onboard is rerunnable on its own
-        _onboard(plan, yes, accept_new_host_key, definitions)
-        return
-    if plan["provider"] == "ssh" and plan["new"]:
-        _say(f"  no host given: nothing was installed. Onboard it with `lab plan server {name} --host H` + `lab apply server {name}`, or `lab onboard {name} --provider ssh --host H`")
-    if done and not plan["new"]:
-        line = lifecycle.republish(paths.home)
-        if line:
-            _say(f"  {line}")
-    lifecycle.drop_plan(paths.home, name)
+    with base._engine(definitions) as engine:
+        result = lifecycle_api.ops(engine).apply(name)
+    for line in result["lines"]:
+        _say(line)
+    if result["action"] == "onboard":  # local mode only: the daemon refuses it before changing anything
+        _onboard(result["plan"], yes, accept_new_host_key, definitions)
 
 
 # -- sync ----------------------------------------------------------------------------------------
@@ -206,8 +153,8 @@ def apply_server(
 def sync_server(name: str, definitions: base.Definitions = None, output: base.Output = "table") -> None:
     """Re-apply what lab controls (labels and the secret policy), list what must be fixed by hand, show the diff."""
     fmt = base._format(output)
-    with base._engine(definitions, local=True) as engine:
-        result = lifecycle.sync(engine, name)
+    with base._engine(definitions) as engine:
+        result = lifecycle_api.ops(engine).sync(name)
 
     def human(r: dict[str, Any], out: TextIO) -> None:
         for line in r["done"]:

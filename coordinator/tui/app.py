@@ -446,7 +446,7 @@ class Dash:
             self.error(f"{words}: focus a server first")
             return
         self.pending_action = (action, target)
-        self.open_overlay(f" Run {words} on {target.name}?\n\n [y] yes    [N] no ", size)
+        self.open_overlay(nav.confirm_question(action, words, target.name), size)
         self.mode = "confirm"
 
     def _confirm_key(self, key: str) -> None:

@@ -25,6 +25,17 @@ VIEW_ALIASES = {
 }
 QUIT = ("q", "q!", "quit", "exit")
 ACTIONS = ("sync", "plan", "apply", "renew")
+ACTION_NOTES = {  # what the y/N question adds, so nobody applies or renews by surprise
+    "apply": "applies the plan stored by `lab plan server {name}`",
+    "renew": "a new certificate; the agent takes it at its next check-in",
+}
+
+
+def confirm_question(action: str, words: str, name: str) -> str:
+    """The text of the y/N dialog before an action."""
+    note = ACTION_NOTES.get(action)
+    extra = f"\n ({note.format(name=name)})" if note else ""
+    return f" Run {words} on {name}?{extra}\n\n [y] yes    [N] no "
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

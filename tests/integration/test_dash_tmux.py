@@ -195,6 +195,17 @@ def test_dash_in_a_real_terminal(tmux: Tmux) -> None:
     tmux.keys("y")
     screen = tmux.wait(": done")
     assert_fits(screen, 80, 24)
+    # apply without a stored plan, and renew without a daemon: one line each, no traceback
+    tmux.keys("A")
+    tmux.wait("applies the plan stored by")
+    tmux.keys("y")
+    assert_fits(tmux.wait("apply failed: no plan for"), 80, 24)
+    tmux.keys("R")
+    tmux.wait("Run identity renew on")
+    tmux.keys("y")
+    screen = tmux.wait("identity renew failed: identity renew needs the coordinator daemon")
+    assert_fits(screen, 80, 24)
+    assert "Traceback" not in "\n".join(screen)
 
     # NO_COLOR: attributes only, no colours
     assert not colour_codes(tmux.screen(escapes=True))
