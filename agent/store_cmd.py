@@ -17,7 +17,7 @@ store_app = typer.Typer(rich_markup_mode=None, help="The secret-store role (host
 def store_run(
     home: Annotated[str | None, typer.Option("--home", help="Store home (default: $LAB_HOME, then /var/lib/lab).", show_default=False)] = None,
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to serve agents and peer stores on.")] = "0.0.0.0:7444",
-    peer: Annotated[list[str] | None, typer.Option("--peer", help="Another store, HOST:PORT (repeat).")] = None,
+    peer: Annotated[list[str] | None, typer.Option("--peer", help="Another store, HOST:PORT (repeat). With no replica and no sealed key yet, the dataset key is asked from them.")] = None,
     create: Annotated[bool, typer.Option("--create", help="No replica yet and no sealed key: start a new cluster's dataset.")] = False,
     ae_interval: Annotated[float, typer.Option("--ae-interval", help="Seconds between anti-entropy rounds (jittered ±50%).")] = 5.0,
     backoff_cap: Annotated[float, typer.Option("--backoff-cap", help="Longest wait between reconnects to a peer, seconds.")] = 10.0,

@@ -377,32 +377,205 @@ def remote_set(home: Path, stores: Sequence[str], path: str, value: bytes, meta:
     return str(reply["version"])
 
 
+def _reply(ep_reply: tuple[str, Any]) -> tuple[str, dict[str, Any]]:
+    ep, reply = ep_reply
+    if isinstance(reply, Exception):
+        raise reply
+    if not isinstance(reply, dict):
+        raise LabError(f"{ep}: malformed reply")
+    return ep, reply
+
+
+def remote_backup(home: Path, stores: Sequence[str], directory: str | os.PathLike[str], recipients: Sequence[str], *,
+                  now: float, remote: str | None = None) -> Any:
+    """`lab secret backup` against the cluster: one store (the first that answers, then the same
+    one for every page) encrypts the values to ``recipients`` and sends the ``.age`` files and the
+    index data (``store.backup``, admin only); they are written and committed here exactly as a
+    local backup (lab.store.backup). Values the repository already holds at the same version are
+    not sent again, so Git history shows only what changed."""
+    from lab.store import backup as backup_mod
+
+    backup_mod.parse_recipients(recipients)  # a bad recipient is refused before any store is asked
+    have, have_key = backup_mod.plan_backup(directory, recipients)
+    entries: dict[str, dict[str, Any]] = {}
+    policy: dict[str, Any] | None = None
+    key_age: bytes | None = None
+    after: str | None = None
+    where = list(stores)
+    while True:
+        body: dict[str, Any] = {"recipients": list(recipients), "have": have, "key": not have_key and after is None}
+        if after is not None:
+            body["after"] = after
+        ep, reply = _reply(store_call(home, where, "store.backup", body)[0])
+        where = [ep]  # every page from the same replica
+        page = reply.get("secrets")
+        if not isinstance(page, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in page.items()):
+            raise LabError(f"{ep}: malformed backup page")
+        entries.update(page)
+        if isinstance(reply.get("policy"), dict):
+            policy = reply["policy"]
+        if after is None and isinstance(reply.get("key"), bytes):
+            key_age = reply["key"]
+        nxt = reply.get("next")
+        if nxt is None:
+            break
+        if not isinstance(nxt, str) or (after is not None and nxt <= after):
+            raise LabError(f"{ep}: malformed backup page cursor")
+        after = nxt
+    if not have_key and key_age is None:
+        raise LabError(f"{where[0]} did not send the dataset key")
+    result = backup_mod.write_files(directory, recipients, entries, policy, key_age, now=now)
+    return backup_mod.commit_backup(result, remote=remote)
+
+
+RESTORE_BATCH_BYTES: Final = 4 * 1024 * 1024
+RESTORE_BATCH_ITEMS: Final = 1000
+
+
+def remote_restore(home: Path, stores: Sequence[str], backup_dir: str | os.PathLike[str], identity_file: str | os.PathLike[str],
+                   *, force: bool = False) -> dict[str, Any]:
+    """`lab secret recover` against the cluster: decrypt the backup here with the age identity,
+    publish its CA-signed revocation list and policy (``store.publish``, every store that answers),
+    and write every secret back (``store.restore``, admin only, first store that answers) with its
+    metadata at a fresh version, so the recovered values win on every store once gossip has
+    carried them. Refuses stores that already hold secrets unless ``force``."""
+    from lab.store import backup as backup_mod
+    from lab.store.policy import POLICY_PATH, REVOCATIONS_PATH, STORES_PATH
+
+    identities = backup_mod.load_identities(identity_file)
+    ep, meta = _reply(store_call(home, stores, "store.meta", {})[0])
+    held = meta.get("records") or {}
+    if held and not force:
+        raise UsageError(f"{ep} already holds {len(held)} secrets: recovering would replace them with the backup's values; "
+                         f"give --force to do it anyway")
+    where = [ep, *[s for s in stores if s != ep]]
+    system: dict[str, bytes] = {}
+    batch: list[dict[str, Any]] = []
+    size = restored = 0
+
+    def flush() -> None:
+        nonlocal batch, size, restored, where
+        if batch:
+            used, _ = _reply(store_call(home, where, "store.restore", {"records": batch})[0])
+            where = [used, *[s for s in where if s != used]]
+            restored += len(batch)
+        batch, size = [], 0
+
+    for path, _version, m, value in backup_mod.read_backup(backup_dir, identities):
+        if path in (POLICY_PATH, REVOCATIONS_PATH, STORES_PATH):
+            system[path] = value
+            continue
+        batch.append({"path": path, "value": value, "meta": m._to_wire()})
+        size += len(value) + 512
+        if size >= RESTORE_BATCH_BYTES or len(batch) >= RESTORE_BATCH_ITEMS:
+            flush()
+    published: dict[str, list[str]] = {}
+    if REVOCATIONS_PATH in system:  # revoked nodes stay revoked before anything is served
+        published["revocations"] = _publish_signed(home, stores, {"revocations": system[REVOCATIONS_PATH]})
+    flush()
+    signed = {k: system[p] for k, p in (("policy", POLICY_PATH), ("stores", STORES_PATH)) if p in system}
+    if signed:  # the policy with the store directory (either may be missing from an older backup)
+        published["policy" if "policy" in signed else "stores"] = _publish_signed(home, stores, signed)
+    return {"store": where[0], "restored": restored, "published": published}
+
+
+def _publish_signed(home: Path, stores: Sequence[str], body: dict[str, Any]) -> list[str]:
+    """``store.publish`` a signed document to every store that answers; the endpoints that hold it
+    (an equal or newer one counts)."""
+    results = store_call(home, stores, "store.publish", body, every=True)
+    return [ep for ep, r in results if not isinstance(r, Exception) or "not newer" in str(r)]
+
+
 def publish_policy(home: Path, stores: Sequence[str] | None = None) -> dict[str, Any]:
-    """Compile the policy (definitions + inventory of ``home``), sign it with the CA, publish it to
-    every reachable store. Version: milliseconds since the epoch (always newer than the last)."""
+    """Compile the policy (definitions + inventory of ``home``, revoked nodes left out), sign it
+    with the CA, publish it to every reachable store. Version: milliseconds since the epoch (always
+    newer than the last). ``unreachable``: the stores that did not answer (gossip catches them up)."""
     from lab.common.identity import CertificateAuthority
     from lab.coordinator.engine import Engine, Paths
-    from lab.coordinator.policy import compile_policy
+    from lab.coordinator.identity_ops import compile_policy_doc
 
     home = Path(home)
     stores = list(stores) if stores is not None else configured_stores(home)
     if not stores:
         raise ConfigError("no stores configured (config.yaml `stores:`)", file=str(home / "config.yaml"))
+    ca = CertificateAuthority.load(home / "ca.key")
     engine = Engine.open(Paths.resolve(None, str(home)))
     try:
-        defs = engine.paths.definitions
-        modules = defs / "modules" if (defs / "modules").is_dir() else None
-        compiled = compile_policy(engine.definitions, engine.state.list_servers(), modules)
+        now = time.time()
+        doc = compile_policy_doc(engine, ca, now)
+        directory = store_directory(engine, ca, doc.version, now)
     finally:
         engine.close()
-    ca = CertificateAuthority.load(home / "ca.key")
-    doc = compiled.document(ca, version=int(time.time() * 1000), now=time.time())
-    results = store_call(home, stores, "store.publish", {"policy": doc.encode()}, every=True)
+    results = store_call(home, stores, "store.publish", {"policy": doc.encode(), "stores": directory.encode()}, every=True)
     accepted = [ep for ep, r in results if not isinstance(r, Exception) or "not newer" in str(r)]
     if not accepted:
         raise LabError(f"no store accepted the policy: {results[0][1]}")
-    return {"version": doc.version, "stores": accepted,
-            "grants": {n: sorted(g) for n, g in sorted(compiled.grants.items())}, "store_names": compiled.stores}
+    reached = {ep for ep, _ in results}
+    return {"version": doc.version, "stores": accepted, "unreachable": [ep for ep in stores if ep not in reached],
+            "grants": {n: list(g) for n, g in sorted(doc.grants.items())}, "store_names": list(doc.stores)}
+
+
+def store_directory(engine: Any, ca: Any, version: int, now: float) -> Any:
+    """The CA-signed store directory (``_lab/stores``): ``name → HOST:PORT`` of the enrolled,
+    unrevoked nodes labelled secret-store that reported a store endpoint. Published with each
+    policy, so running stores link to a store added later (store/node.py ``adopt_peers``)."""
+    from lab.coordinator.identity_ops import is_revoked_marker
+    from lab.store.policy import ENDPOINT_PATTERN, sign_directory
+
+    reported = engine.state.endpoints()
+    endpoints = {}
+    for s in engine.state.list_servers():
+        if STORE_LABEL not in s.labels or not s.enrolled_at or is_revoked_marker(s.cert_serial):
+            continue
+        ep = reported.get(s.name, {}).get("store")
+        if ep and len(ep) <= 300 and re.fullmatch(ENDPOINT_PATTERN, ep):
+            endpoints[s.name] = ep
+    return sign_directory(ca, endpoints, version=version, now=now)
+
+
+def republish_after_change(engine: Any) -> str | None:
+    """[secrets] After an inventory change (`lab server add|relabel|remove`) in a home whose
+    config.yaml lists ``stores:``: publish the recompiled signed policy. A store that does not
+    answer is a warning on the engine, not a failure (gossip carries the policy to it); the line to
+    show on success, else None. A remote engine (`lab server connect`): the daemon republishes."""
+    from lab.coordinator.engine import Engine
+
+    if not isinstance(engine, Engine):
+        return None
+    home = engine.paths.home
+    try:
+        stores = configured_stores(home)
+        if not stores:
+            return None
+        r = publish_policy(home, stores)
+    except Exception as exc:  # noqa: BLE001 - the inventory change is committed: republishing is best effort, never a failure
+        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        engine.state.warnings.append(f"secret policy not republished: {why} (run `lab cluster publish` once the stores answer)")
+        return None
+    for ep in r["unreachable"]:
+        engine.state.warnings.append(f"store {ep} unreachable: policy version {r['version']} reaches it by gossip")
+    return f"policy version {r['version']} published to {len(r['stores'])} store(s)"
+
+
+async def republish_from_daemon(ops: Any) -> list[str]:
+    """[secrets] The daemon's counterpart of :func:`republish_after_change` after an admin's
+    inventory write over the API (``ops``: the daemon's IdentityService — engine, CA, identity,
+    stores). Never blocks the event loop on a store; returns warnings (a store unreachable, or
+    none answering)."""
+    from lab.coordinator.identity_ops import compile_policy_doc, publish_everywhere
+
+    stores = ops.stores()
+    if not stores:
+        return []
+    try:
+        now = time.time()
+        doc = compile_policy_doc(ops.engine, ops.ca, now)
+        directory = store_directory(ops.engine, ops.ca, doc.version, now)
+    except LabError as exc:
+        return [f"secret policy not republished: {exc}"]
+    published = await publish_everywhere(stores, ops.identity, [{"policy": doc.encode(), "stores": directory.encode()}])
+    return [f"store {ep}: policy version {doc.version} not published ({why}); gossip or `lab cluster publish` catches it up"
+            for ep, why in published.items() if why != "ok"]
 
 
 # ---------------------------------------------------------------------------------------------

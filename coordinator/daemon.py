@@ -96,7 +96,12 @@ class Coordinator:
             if ADMIN_ROLE not in peer.roles:
                 log_event(logging.WARNING, "api.denied", peer=peer.address, name=peer.name, method=method)
                 raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
-            return self._engine_call(peer, name, req.body)
+            result = self._engine_call(peer, name, req.body)
+            if name in ENGINE_WRITE and getattr(self, "identity_ops", None) is not None:  # [secrets] the policy follows the inventory
+                from lab.coordinator.cluster import republish_from_daemon
+
+                result["warnings"] += await republish_from_daemon(self.identity_ops)
+            return result
         if method == "ping":
             return {"name": self.enrollment.endpoint}
         if method.startswith("identity.") and getattr(self, "identity_ops", None) is not None:  # [identity] issue 6

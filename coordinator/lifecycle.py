@@ -579,7 +579,8 @@ def republish(home: Any) -> str | None:
         r = cluster.publish_policy(home, stores)
     except LabError as exc:
         return f"! policy not republished: {exc} (run `lab cluster publish` once the stores answer)"
-    return f"→ policy version {r['version']} published to {len(r['stores'])} store(s)"
+    missed = "".join(f"; ! {ep} unreachable (gossip catches it up)" for ep in r.get("unreachable") or ())
+    return f"→ policy version {r['version']} published to {len(r['stores'])} store(s){missed}"
 
 
 def by_hand(item: dict[str, Any], name: str) -> str | None:

@@ -296,9 +296,17 @@ class Dataset:
         rec = self.get(path)
         return None if rec is None or rec.deleted else self.reveal(rec)
 
-    def records(self, *, include_deleted: bool = False) -> Iterator[SecretRecord]:
+    def records(self, *, include_deleted: bool = False, after: str | None = None) -> Iterator[SecretRecord]:
+        """Records in path order (UTF-8 byte order); ``after``: only paths above it (paging)."""
         with self.env.begin() as txn:
-            for _, raw in txn.cursor(db=self._records):
+            cursor = txn.cursor(db=self._records)
+            if after is not None:
+                start = after.encode()
+                if not cursor.set_range(start):
+                    return
+                if cursor.key() == start and not cursor.next():
+                    return
+            for _, raw in cursor.iternext() if after is not None else cursor:
                 rec = self._decode(raw)
                 if include_deleted or not rec.deleted:
                     yield rec

@@ -8,8 +8,12 @@
                           ├─ store.fetch           agents: one entitled secret
                           ├─ store.set / .delete / .publish    admin or coordinator certificates
                           ├─ store.status          admin, coordinator or store certificates
-                          └─ store.meta            admin or coordinator: per-path metadata, no values
-    one link per --peer endpoint: connect, reconnect with backoff and jitter, carry eager pushes
+                          ├─ store.meta            admin or coordinator: per-path metadata, no values
+                          ├─ store.backup / .restore   admin only: age-encrypted backup pages; recovery writes
+                          └─ store.key             a store of the current policy: the dataset key sealed to it
+    one link per --peer endpoint, and per store of the signed directory (_lab/stores): connect,
+    reconnect with backoff and jitter, carry eager pushes
+    no replica and no sealed key file: ask the --peer stores for the key first (request_dataset_key)
     anti-entropy: every ``interval`` (± jitter) one exchange with a random connected member
     tombstone GC after each anti-entropy round
 
@@ -46,15 +50,17 @@ import trio
 from lab.common import rpc, wire
 from lab.common.errors import AuthError, ConfigError, LabError, StateError, StoreError, TransportError, UsageError
 from lab.common.identity import Certificate, NodeKey, RevocationList, verify_certificate
+from lab.store import backup as backup_mod
+from lab.store import keys
 from lab.store.dataset import Dataset
 from lab.store.gossip import Gossip
-from lab.store.policy import Enforcer, PolicyDocument, publish
-from lab.store.records import Meta, decode_message_untrusted
+from lab.store.policy import STORES_PATH, Enforcer, PolicyDocument, StoreDirectory, publish
+from lab.store.records import MAX_VALUE, SYSTEM_PREFIX, Meta, check_path, decode_message_untrusted
 from lab.store.serve import WRITER_ROLES, AgentSecret, StoreService, SyncRequest, SyncUpdate
 
 __all__ = [
     "DEFAULT_AE_INTERVAL", "DEFAULT_STORE_PORT", "Backoff", "NodeConfig", "StoreNode", "jittered",
-    "load_home_identity", "run_store",
+    "load_home_identity", "needs_key", "request_dataset_key", "run_store",
 ]
 
 log = logging.getLogger("lab.store.node")
@@ -70,6 +76,11 @@ SEALED_KEY_FILE: Final = "dataset.key.sealed"
 CA_PUB_KIND: Final = "lab-ca-pub-v1"
 STORE_ROLE: Final = "store"
 STATUS_ROLES: Final = frozenset({"admin", "coordinator", STORE_ROLE})
+ADMIN_ROLE: Final = "admin"
+MAX_RECIPIENTS: Final = 64
+MAX_BACKUP_HAVE: Final = 1 << 20
+MAX_RESTORE_ITEMS: Final = 10000
+KEY_WAIT_CAP: Final = 10.0  # longest wait between two rounds of asking the peers for the dataset key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,12 +158,21 @@ def load_home_identity(home: Path, revocations: Any = None, *, now: float | None
     return rpc.Identity(key, cert, ca_pub, revocations)
 
 
-def open_dataset(home: Path, node: str, node_key: NodeKey, *, create: bool = False, durable: bool = True) -> Dataset:
+def needs_key(home: Path, create: bool = False) -> bool:
+    """No replica, no sealed key file and no ``--create``: the dataset key must come from a peer."""
+    return not create and not (home / DATASET_DIR / "data.mdb").exists() and not (home / SEALED_KEY_FILE).exists()
+
+
+def open_dataset(home: Path, node: str, node_key: NodeKey, *, create: bool = False, durable: bool = True,
+                 sealed_key: bytes | None = None) -> Dataset:
     """The replica in ``<home>/store``: open it; else join with ``<home>/dataset.key.sealed`` (the
-    dataset key sealed to this node by a running store, removed once used); else, with ``create``,
+    dataset key sealed to this node by a running store, removed once used) or with ``sealed_key``
+    (the same, handed over by a peer store: :func:`request_dataset_key`); else, with ``create``,
     a new cluster's first replica."""
     directory = home / DATASET_DIR
     sealed = home / SEALED_KEY_FILE
+    if sealed_key is not None and not (directory / "data.mdb").exists():
+        return Dataset.join(directory, node, sealed_key, node_key, durable=durable)
     if (directory / "data.mdb").exists():
         try:
             return Dataset.open(directory, node, durable=durable)
@@ -165,8 +185,44 @@ def open_dataset(home: Path, node: str, node_key: NodeKey, *, create: bool = Fal
         return ds
     if create:
         return Dataset.create(directory, node, durable=durable)
-    raise ConfigError(f"no store dataset in {directory}: pass --create for a new cluster, or put the key "
+    raise ConfigError(f"no store dataset in {directory}: pass --create for a new cluster, --peer to ask a running store "
+                      f"for the key, or put the key "
                       f"sealed to this node in {sealed}")
+
+
+async def request_dataset_key(identity: rpc.Identity, peers: Sequence[str], config: NodeConfig | None = None, *,
+                              rng: random.Random | None = None) -> bytes:
+    """Ask the peer stores, in random order and again with backoff until one answers, for the
+    dataset key sealed to this node (``store.key``). A peer answers only a store of its current
+    signed policy; the answer opens only with this node's private key (checked here, then dropped:
+    :meth:`Dataset.join` opens it again). Never logged."""
+    config = config or NodeConfig()
+    rng = rng or random.Random()
+    cap = max(config.backoff_base, min(config.backoff_cap, KEY_WAIT_CAP))
+    backoff = Backoff(config.backoff_base, cap, random.Random(rng.random()))
+    _log(logging.INFO, "store.waiting_for_key", node=identity.certificate.name, peers=len(peers))
+    while True:
+        order = list(peers)
+        rng.shuffle(order)
+        for ep in order:
+            host, port = rpc.parse_endpoint(ep, DEFAULT_STORE_PORT)
+            try:
+                async with rpc.connect(host, port, identity=identity, timeout=5.0) as conn:
+                    if STORE_ROLE not in conn.peer.roles:
+                        raise AuthError(f"{ep} answered as {conn.peer.name!r}, which is not a store")
+                    reply = await conn.call("store.key", {}, timeout=15)
+                    name = conn.peer.name
+                sealed = reply.get("sealed") if isinstance(reply, dict) else None
+                if not isinstance(sealed, bytes) or len(sealed) > 256:
+                    raise StoreError(f"{ep}: malformed store.key reply")
+                keys.open_sealed(sealed, identity.key).close()  # sealed to us? (StoreError if not)
+            except (LabError, OSError) as exc:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                _log(logging.INFO, "store.key_wait", endpoint=ep, reason=reason)
+                continue
+            _log(logging.INFO, "store.key_received", peer=name)
+            return sealed
+        await trio.sleep(backoff.next_delay())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +293,9 @@ class StoreNode:
         self.changes = _Changes()
         dataset.listeners.append(self.changes.fire)
         self.links = [PeerLink(p) for p in peers]
+        self.nursery: trio.Nursery | None = None  # where learnt peer links run (set by run_store)
+        self._directory_seen: tuple[int, int] | None = None
+        dataset.listeners.append(lambda _records: self.adopt_peers())
         self.met: set[str] = set()  # store names seen with a valid "store" certificate
         self.agents = 0
         self.last_anti_entropy: float | None = None  # when this node last completed an exchange it drove
@@ -247,6 +306,29 @@ class StoreNode:
         if cert.name != self.name and cert.name not in self.met:
             self.met.add(cert.name)
             self.gossip.seeds = tuple(sorted(self.met))
+
+    def adopt_peers(self) -> list[PeerLink]:
+        """Links to the stores of the signed directory (``_lab/stores``, members of the current
+        policy only) that no link reaches yet — a store added later is gossiped with without
+        restarting this one. Returns the new links (started in :attr:`nursery` when running)."""
+        e = self.enforcer
+        marker = (e.directory.version if e.directory else -1, e.policy.version if e.policy else -1)
+        if marker == self._directory_seen:
+            return []
+        self._directory_seen = marker
+        endpoints = {ln.endpoint for ln in self.links}
+        names = {ln.name for ln in self.links if ln.name}
+        new = []
+        for name, ep in sorted(e.endpoints.items()):
+            if name == self.name or name in names or ep in endpoints:
+                continue
+            link = PeerLink(ep)
+            self.links.append(link)
+            new.append(link)
+            _log(logging.INFO, "store.peer_learnt", name=name, endpoint=ep)
+            if self.nursery is not None:
+                self.nursery.start_soon(self.run_link, link)
+        return new
 
     def _link_for(self, name: str) -> PeerLink | None:
         for link in self.links:
@@ -288,6 +370,12 @@ class StoreNode:
             if not WRITER_ROLES.intersection(peer.roles):
                 raise AuthError(f"certificate {peer.name!r} may not read secret metadata (needs the admin or coordinator role)")
             return self.meta()
+        if method in ("store.backup", "store.restore"):  # `lab secret backup|recover` against the cluster: admins only
+            if ADMIN_ROLE not in peer.roles:
+                raise AuthError(f"certificate {peer.name!r} may not {method.split('.')[1]} the store (needs the admin role)")
+            return self._backup(peer, body) if method == "store.backup" else self._restore(peer, body)
+        if method == "store.key":  # a new store of the current policy asks for the dataset key
+            return self._hand_key(peer)
         raise UsageError(f"unknown method {method[:64]!r}")
 
     @staticmethod
@@ -369,7 +457,19 @@ class StoreNode:
 
     def _publish(self, peer: rpc.PeerInfo, body: dict[str, Any]) -> dict[str, Any]:
         """A CA-signed policy (``policy``) or revocation list (``revocations``), written as the
-        record that replicates it. An older or equal version than the one held is refused."""
+        record that replicates it. An older or equal version than the one held is refused.
+        ``stores`` (the CA-signed store directory) may come along, or alone; an older or equal one
+        is skipped silently."""
+        if body.get("stores") is not None:
+            directory = StoreDirectory.decode_untrusted(self._field(body, "stores", bytes))
+            directory.verify(self.enforcer.ca_public_key)
+            held = self.enforcer.directory
+            if held is None or directory.version > held.version:
+                rec = publish(self.dataset, directory, _now_ms(), by=peer.name)
+                self._push(self.gossip.local_write([rec]))
+                _log(logging.INFO, "store.published", path=rec.path, version=directory.version, by=peer.name)
+            if body.get("policy") is None and body.get("revocations") is None:
+                return {"path": STORES_PATH, "version": directory.version}
         signed: PolicyDocument | RevocationList
         if body.get("policy") is not None:
             signed = PolicyDocument.decode_untrusted(self._field(body, "policy", bytes))
@@ -384,6 +484,68 @@ class StoreNode:
         self._push(self.gossip.local_write([rec]))
         _log(logging.INFO, "store.published", path=rec.path, version=signed.version, by=peer.name)
         return {"path": rec.path, "version": signed.version}
+
+    def _backup(self, peer: rpc.PeerInfo, body: dict[str, Any]) -> dict[str, Any]:
+        """One page of a backup: the live records' index entries, each value age-encrypted *here*
+        to the given recipients (plaintext never leaves the store), the values the caller already
+        holds at the same version skipped; ``key``: dataset-key.age when asked for (first page)."""
+        recipients = self._field(body, "recipients", list)
+        if not 0 < len(recipients) <= MAX_RECIPIENTS or not all(isinstance(r, str) and len(r) <= 4096 for r in recipients):
+            raise UsageError(f"recipients: 1 to {MAX_RECIPIENTS} age recipients")
+        have = self._field(body, "have", dict, optional=True) or {}
+        if len(have) > MAX_BACKUP_HAVE or not all(isinstance(k, str) and isinstance(v, str) for k, v in have.items()):
+            raise UsageError("have: a map of path to version strings")
+        after = self._field(body, "after", str, optional=True)
+        parsed = backup_mod.parse_recipients(recipients)
+        page = backup_mod.export_page(self.dataset, parsed, have, after=after)
+        if after is None and self._field(body, "key", bool, optional=True):
+            page["key"] = backup_mod.export_key(self.dataset, parsed)
+        _log(logging.INFO, "store.backup_page", by=peer.name, entries=len(page["secrets"]), recipients=len(recipients),
+             key="key" in page, more=page["next"] is not None)
+        return page
+
+    def _restore(self, peer: rpc.PeerInfo, body: dict[str, Any]) -> dict[str, Any]:
+        """Recovery from a backup: write each record with its metadata (set_by, set_at, type, ...)
+        at a fresh version, which beats whatever this store holds; gossip carries it everywhere."""
+        items = self._field(body, "records", list)
+        if len(items) > MAX_RESTORE_ITEMS:
+            raise UsageError(f"records: at most {MAX_RESTORE_ITEMS} per call")
+        checked = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise UsageError("records: a list of maps")
+            path, value = self._field(item, "path", str), self._field(item, "value", bytes)
+            check_path(path)
+            if path.startswith(SYSTEM_PREFIX):
+                raise AuthError("system records are restored through store.publish (they are CA-signed)")
+            if len(value) > MAX_VALUE:
+                raise UsageError(f"{path}: value over {MAX_VALUE} bytes")
+            try:
+                meta = Meta._from_wire(self._field(item, "meta", dict), "meta")
+            except wire.Invalid as exc:
+                raise UsageError(f"{path}: {exc}") from exc
+            checked.append((path, value, meta))
+        written = [self.dataset.write(path, value, meta, _now_ms()) for path, value, meta in checked]
+        self._push(self.gossip.local_write(written))
+        _log(logging.INFO, "store.restored", records=len(written), by=peer.name)
+        return {"versions": {r.path: str(r.version) for r in written}}
+
+    def _hand_key(self, peer: rpc.PeerInfo) -> dict[str, Any]:
+        """The dataset key sealed to the asking store's Noise key (``crypto_box_seal``: only the
+        holder of that certificate's private key opens it). Only for a certificate that is valid
+        now, not revoked, carries the ``store`` role and names a store of the current signed
+        policy. The key itself is never logged."""
+        cert = self.enforcer.authenticate(peer.certificate, time.time())  # CA, validity window, revocations
+        if STORE_ROLE not in cert.roles:
+            _log(logging.WARNING, "store.key_refused", name=cert.name, reason="not a store")
+            raise AuthError(f"certificate {cert.name!r} is not a store")
+        policy = self.enforcer.policy
+        if policy is None or cert.name not in policy.stores:
+            _log(logging.WARNING, "store.key_refused", name=cert.name, reason="not in the policy's stores")
+            raise AuthError(f"{cert.name!r} is not a store of the current signed policy")
+        sealed = self.dataset.seal_key_for(cert.noise_pub)
+        _log(logging.INFO, "store.key_handed", name=cert.name, serial=cert.serial, policy=policy.version)
+        return {"sealed": sealed}
 
     def status(self) -> dict[str, Any]:
         e = self.enforcer
@@ -513,7 +675,10 @@ async def run_store(
     if STORE_ROLE not in identity.certificate.roles:
         raise ConfigError(f"certificate {identity.certificate.name!r} lacks the {STORE_ROLE!r} role")
     host, port = rpc.parse_endpoint(listen, DEFAULT_STORE_PORT)
-    dataset = open_dataset(home, identity.certificate.name, identity.key, create=create, durable=durable)
+    sealed = None
+    if needs_key(home, create) and peers:  # a new store: the dataset key from a running peer, over the RPC
+        sealed = await request_dataset_key(identity, peers, config, rng=rng)
+    dataset = open_dataset(home, identity.certificate.name, identity.key, create=create, durable=durable, sealed_key=sealed)
     try:
         node = StoreNode(dataset, identity.key, identity.certificate, identity.ca_public_key, peers, config, rng=rng)
         async with trio.open_nursery() as nursery:
@@ -521,6 +686,9 @@ async def run_store(
                 rpc.serve, host, port, identity=node.identity, handler=node.handle, limits=config.limits))
             for link in node.links:
                 nursery.start_soon(node.run_link, link)
+            node.nursery = nursery
+            node._directory_seen = None
+            node.adopt_peers()  # the directory already held: links to stores added since the flags were written
             nursery.start_soon(node.anti_entropy)
             _log(logging.INFO, "store.ready", node=node.name, listen=f"{host}:{actual}", peers=len(node.links),
                  records=len(dataset), policy=node.enforcer.policy.version if node.enforcer.policy else None)

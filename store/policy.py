@@ -41,14 +41,18 @@ from lab.common.identity import (  # the shared signed-record machinery of certi
 from lab.store.records import NODE_PATTERN, PATH_PATTERN, SYSTEM_PREFIX, Meta, SecretRecord, machine_path
 
 __all__ = [
-    "POLICY_PATH", "REVOCATIONS_PATH", "STORE_LABEL", "Enforcer", "PolicyDocument", "publish", "sign_policy",
+    "POLICY_PATH", "REVOCATIONS_PATH", "STORES_PATH", "STORE_LABEL", "Enforcer", "PolicyDocument", "StoreDirectory", "publish",
+    "sign_directory", "sign_policy",
 ]
 
 POLICY_PATH: Final = SYSTEM_PREFIX + "policy"
+STORES_PATH: Final = SYSTEM_PREFIX + "stores"
 REVOCATIONS_PATH: Final = SYSTEM_PREFIX + "revocations"
 STORE_LABEL: Final = "secret-store"
 MAX_POLICY_SIZE: Final = 16 * 1024 * 1024
 _POLICY_DOMAIN: Final = b"lab.policy.v1\x00"
+_DIRECTORY_DOMAIN: Final = b"lab.stores.v1\x00"
+ENDPOINT_PATTERN: Final = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}"
 _SIG_LEN: Final = 64
 
 _Node = wire.Str(max_len=253, min_len=1, pattern=NODE_PATTERN)
@@ -112,6 +116,47 @@ def sign_policy(
     return dataclasses.replace(unsigned, signature=sig)
 
 
+@wire.record
+@dataclasses.dataclass(frozen=True)
+class StoreDirectory(_Signed):
+    """``store node name → HOST:PORT`` (the endpoints the stores reported at enrollment), CA-signed:
+    the record ``_lab/stores`` that tells every store where the others listen, so a store added
+    later is linked to without restarting the others. Only names the policy's ``stores`` lists
+    are used (:attr:`Enforcer.endpoints`)."""
+
+    v: Annotated[int, wire.Int(1, 1)]
+    version: Annotated[int, wire.UInt()]
+    issued_at: Annotated[int, wire.UInt()]
+    endpoints: Annotated[dict[str, str], wire.Dict(_Node, wire.Str(max_len=300, min_len=3, pattern=ENDPOINT_PATTERN), max_items=4096)]
+    signature: Annotated[bytes, wire.Bytes(min_len=_SIG_LEN, max_len=_SIG_LEN)] = dataclasses.field(repr=False)
+
+    _WHAT = "store directory"
+
+    def _check(self) -> None:
+        names = list(self.endpoints)
+        if any(a >= b for a, b in zip(names, names[1:])):
+            raise wire.Invalid("store names must be strictly ascending")
+
+    @classmethod
+    def decode_untrusted(cls, data: bytes | bytearray | memoryview) -> StoreDirectory:
+        return cls._decode(data, 1 << 20, 1 << 14)  # type: ignore[no-any-return]
+
+    def verify(self, ca_public_key: bytes) -> None:
+        if not _verify_sig(_DIRECTORY_DOMAIN, self.body_bytes(), self.signature, ca_public_key):
+            raise AuthError(f"store directory v{self.version} is not signed by this cluster CA")
+
+    def __hash__(self) -> int:
+        return hash(self.signature)
+
+
+def sign_directory(ca: CertificateAuthority, endpoints: Mapping[str, str], *, version: int, now: float) -> StoreDirectory:
+    """Build and sign the store directory (names sorted)."""
+    unsigned = StoreDirectory(v=1, version=version, issued_at=int(now), endpoints={n: endpoints[n] for n in sorted(endpoints)},
+                              signature=bytes(_SIG_LEN))
+    sig = ca._sign(_DIRECTORY_DOMAIN, unsigned.body_bytes())  # noqa: SLF001 (the CA's one signing primitive)
+    return dataclasses.replace(unsigned, signature=sig)
+
+
 class Enforcer:
     """What one store knows of policy and revocations, and the decisions made from them."""
 
@@ -119,6 +164,7 @@ class Enforcer:
         self.ca_public_key = bytes(ca_public_key)
         self.policy: PolicyDocument | None = None
         self.revocations: RevocationList | None = None
+        self.directory: StoreDirectory | None = None
         self._grants: dict[str, frozenset[str]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
@@ -139,12 +185,21 @@ class Enforcer:
         self.revocations = crl
         return True
 
+    def load_directory(self, doc: StoreDirectory) -> bool:
+        doc.verify(self.ca_public_key)
+        if self.directory is not None and doc.version <= self.directory.version:
+            return False
+        self.directory = doc
+        return True
+
     def system_checker(self, record: SecretRecord, value: bytes) -> None:
         """Dataset hook: refuse an unsigned or forged system record before it is merged, and apply it."""
         if record.path == POLICY_PATH:
             self.load_policy(PolicyDocument.decode_untrusted(value))
         elif record.path == REVOCATIONS_PATH:
             self.load_revocations(RevocationList.decode_untrusted(value))
+        elif record.path == STORES_PATH:
+            self.load_directory(StoreDirectory.decode_untrusted(value))
         else:
             raise RemoteProtocolError(f"unknown system record {record.path!r}")
 
@@ -159,6 +214,14 @@ class Enforcer:
     @property
     def stores(self) -> tuple[str, ...]:
         return self.policy.stores if self.policy is not None else ()
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """``name → HOST:PORT`` of the stores of the current policy, from the signed directory."""
+        if self.directory is None or self.policy is None:
+            return {}
+        members = set(self.policy.stores)
+        return {n: ep for n, ep in self.directory.endpoints.items() if n in members}
 
     def authenticate(self, cert: Certificate | bytes, now: float, expected_noise_pub: bytes | None = None) -> Certificate:
         """The certificate if signed by our CA, valid now and not revoked; AuthError otherwise."""
@@ -188,9 +251,10 @@ class Enforcer:
         return machine_path(path, cert.name) if path in self.policy.per_machine else path
 
 
-def publish(dataset: Any, signed: PolicyDocument | RevocationList, now_ms: int, *, by: str = "coordinator") -> SecretRecord:
-    """Write a signed policy or revocation list into the dataset, as the record that replicates it."""
-    path = POLICY_PATH if isinstance(signed, PolicyDocument) else REVOCATIONS_PATH
+def publish(dataset: Any, signed: PolicyDocument | RevocationList | StoreDirectory, now_ms: int, *, by: str = "coordinator") -> SecretRecord:
+    """Write a signed policy, revocation list or store directory into the dataset, as the record
+    that replicates it."""
+    path = POLICY_PATH if isinstance(signed, PolicyDocument) else STORES_PATH if isinstance(signed, StoreDirectory) else REVOCATIONS_PATH
     meta = Meta(type="system", set_by=by, set_at=now_ms, rotate_every=None, ttl=None, owner="root", group="root", mode=0o400)
     rec: SecretRecord = dataset.write(path, signed.encode(), meta, now_ms)
     return rec

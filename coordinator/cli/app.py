@@ -155,6 +155,7 @@ def server_add(
     fmt = _format(output)
     with _engine(definitions) as engine:
         record = engine.add_server(name, provider, labels or [], environment, region, size)
+        _republish(engine)
     emit(record, fmt, lambda r, out: out.write(f"✓ server {r['name']} added ({r['provider']}; labels: {','.join(r['labels']) or 'none'})\n"))
 
 
@@ -169,6 +170,7 @@ def server_relabel(
     fmt = _format(output)
     with _engine(definitions) as engine:
         view = engine.set_labels(name, labels)
+        _republish(engine)
     emit(view, fmt, views.server)
 
 
@@ -177,7 +179,18 @@ def server_remove(name: str, definitions: Definitions = None) -> None:
     """Remove a server from the inventory."""
     with _engine(definitions) as engine:
         engine.remove_server(name)
+        _republish(engine)
     print(f"✓ server {name} removed")
+
+
+def _republish(engine: Engine) -> None:
+    """[secrets] An inventory change republishes the signed secret policy when config.yaml lists
+    `stores:` (a store unreachable: a warning, gossip catches it up)."""
+    from lab.coordinator.cluster import republish_after_change
+
+    line = republish_after_change(engine)
+    if line:
+        print(f"→ {line}", file=sys.stderr)
 
 
 # -- get / show / targets -------------------------------------------------------------------------

@@ -208,7 +208,10 @@ def secret_audit(definitions: Definitions = None, modules: Modules = None, outpu
     with _engine(definitions) as engine:
         compiled = compile_policy(engine.definitions, engine.state.list_servers(), _modules(modules, engine.paths.definitions))
         stored: dict[str, bool] = {}
-        if (_store_dir(engine.paths.home) / "data.mdb").exists():
+        stores = _cluster_stores(engine.paths.home)
+        if stores:  # [cluster] which paths are set, from the first store that answers (store.meta: no values)
+            stored = {p: True for p in _remote_meta(engine.paths.home, stores)}
+        elif (_store_dir(engine.paths.home) / "data.mdb").exists():
             with _open_store(engine.paths.home, create=False) as ds:
                 stored = {r.path: True for r in ds.records()}
         findings = audit_policy(engine.definitions, compiled, stored)
@@ -234,8 +237,15 @@ def secret_backup(
     """Write every secret, age-encrypted, into a Git repository, and commit."""
     if not recipient:
         raise UsageError("give at least one --recipient age1...")
-    with _engine(definitions) as engine, _open_store(engine.paths.home, create=False) as ds:
-        r = backup_mod.backup(ds, to, recipient, now=time.time(), remote=push)
+    with _engine(definitions) as engine:
+        stores = _cluster_stores(engine.paths.home)
+        if stores:  # [cluster] a store encrypts the values to the recipients; the files are written here
+            from lab.coordinator.cluster import remote_backup
+
+            r = remote_backup(engine.paths.home, stores, to, recipient, now=time.time(), remote=push)
+        else:
+            with _open_store(engine.paths.home, create=False) as ds:
+                r = backup_mod.backup(ds, to, recipient, now=time.time(), remote=push)
     print(f"  ✓ {r.total} secrets in {r.directory} ({r.written} written, {r.removed} removed)"
           + (f", commit {r.commit[:12]}" if r.commit else ", nothing new to commit"))
 
@@ -244,10 +254,24 @@ def secret_backup(
 def secret_recover(
     from_: Annotated[str, typer.Option("--from", help="The backup repository (a clone is fine).")],
     identity: Annotated[str, typer.Option("--identity", help="age identity file (0600).")],
+    force: Annotated[bool, typer.Option("--force", help="Cluster: recover even though the stores hold secrets (the backup's values win).")] = False,
     definitions: Definitions = None,
 ) -> None:
-    """Restore the local store from a backup (refuses to overwrite an existing store)."""
+    """Restore the store from a backup: the cluster's stores (config.yaml `stores:`), else the
+    local store (refuses to overwrite an existing one)."""
     with _engine(definitions) as engine:
+        stores = _cluster_stores(engine.paths.home)
+        if stores:  # [cluster] decrypted here, written back to the stores over the store RPC (admin)
+            from lab.coordinator.cluster import remote_restore
+            from lab.coordinator.lifecycle import republish
+
+            r = remote_restore(engine.paths.home, stores, from_, identity, force=force)
+            line = republish(engine.paths.home)  # the current inventory's policy, newer than the backup's
+            print(f"  ✓ Recovered {r['restored']} secrets into the cluster through {r['store']}"
+                  + "".join(f"; {what} published to {len(eps)} store(s)" for what, eps in r["published"].items()))
+            if line:
+                print(f"  {line}")
+            return
         d = _store_dir(engine.paths.home)
         if (d / "data.mdb").exists():
             raise StoreError(f"a store already exists in {d}; move it aside first")
