@@ -133,11 +133,17 @@ class Subscription:
         ds, e = self.service.dataset, self.service.enforcer
         if e.is_revoked(self.cert):
             return self._revoked()
+        if e.policy is None:
+            # A store without a signed policy yet (new, wiped, recovering) knows no entitlement:
+            # it must not tell agents to drop what they hold — stale beats absent.
+            return self._queue([], [], False)
         ent = e.entitlement(self.cert)
         records, removed = [], []
         for logical in sorted(set(ent) | set(self.held)):
             stored = ent.get(logical)
             rec = ds.get(stored) if stored is not None else None
+            if stored is not None and rec is None:
+                continue  # entitled, but this replica has not received the value yet: keep the agent's copy
             if rec is None or rec.deleted:
                 if logical in self.held:
                     removed.append(logical)

@@ -237,3 +237,30 @@ def test_large_updates_are_split_and_handed_out_in_order(w, monkeypatch) -> None
         parts.append(up)
     assert len(parts) > 2 and all(p.removed == () for p in parts[:-1]) and parts[-1].removed == ("mail/tls-cert",)
     assert sorted(r.path for p in parts for r in p.records) == sorted(names + ["mail/dkim-key"])
+
+
+def test_a_store_without_policy_or_value_never_tells_an_agent_to_drop_its_copy(tmp_path) -> None:
+    """Stale beats absent: a new, wiped or recovering store knows less than the agent does."""
+    world = World(tmp_path)
+    mail = world.certs["mail-1"]
+    have = {"mail/dkim-key": VersionRef(1, 0, "x"), "mail/tls-cert": VersionRef(1, 0, "x")}
+    sub, first = world.svc.subscribe(mail, SyncRequest(have), NOW)
+    assert first.records == () and first.removed == ()  # no policy yet: nothing sent, nothing dropped
+    # the policy arrives before the values do: still nothing to drop (entitled, value not here yet)
+    world.grant({"mail-1": ["mail/dkim-key", "mail/tls-cert"]})
+    assert sub.poll() is None
+    _, again = world.svc.subscribe(mail, SyncRequest(have), NOW)
+    assert again.removed == ()
+    # the value arrives: sent; then a real delete and a lost grant still remove
+    world.put("mail/dkim-key", b"dkim")
+    up = sub.poll()
+    assert up is not None and _held(up) == {"mail/dkim-key": b"dkim"} and up.removed == ()
+    world.put("mail/tls-cert", b"tls")
+    assert sub.poll() is not None
+    world.ds.delete("mail/tls-cert", world.tick())
+    up = sub.poll()
+    assert up is not None and up.removed == ("mail/tls-cert",)
+    world.grant({"mail-1": []})
+    up = sub.poll()
+    assert up is not None and up.removed == ("mail/dkim-key",)
+    world.ds.close()
