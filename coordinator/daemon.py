@@ -166,6 +166,9 @@ async def serve(
             actual = await nursery.start(
                 _serve_rpc, host, port, identity, engine, ca, dns, advertise, clock
             )
+            from lab.coordinator.pxe.service import serve_configured  # [pxe] DHCP/TFTP/HTTP boot when config.yaml has pxe:
+
+            await nursery.start(serve_configured, paths.home, engine.state)
             log_event(logging.INFO, "daemon.ready", listen=f"{host}:{actual}", ca=ca.fingerprint, dns="on" if dns.enabled else "off")
             _write_endpoint(paths.home / ENDPOINT_FILE, host, actual)  # [identity] where `lab identity …` finds us
             sd_notify("READY=1")

@@ -19,6 +19,7 @@ case "${1:-test}" in
       puppet                                                # agent reporters: real puppet apply runs
       shellcheck curl                                       # PXE: the generated agent install script
       openssh-server openssh-client                         # SSH onboarding against a real sshd
+      xorriso                                               # PXE: real ISO images for `lab image add --iso`
     ) ;;
   *) echo "usage: $0 venv|test" >&2; exit 2 ;;
 esac

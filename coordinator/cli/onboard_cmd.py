@@ -167,29 +167,12 @@ def _ask(question: str, yes: bool) -> None:
 
 
 def _interface_ipv4(iface: str) -> tuple[str, int]:
-    """(address, prefix length) of the interface's first IPv4 address (SIOCGIFADDR/SIOCGIFNETMASK)."""
-    import fcntl
-    import ipaddress
-    import socket
-    import struct
+    from lab.coordinator.pxe.service import interface_ipv4
 
-    req = struct.pack("256s", iface.encode()[:15])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            addr = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x8915, req)[20:24])
-            mask = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), 0x891B, req)[20:24])
-        except OSError as exc:
-            raise UsageError(f"interface {iface} has no IPv4 address here ({exc.strerror}): pass --server-address IP") from None
-    return addr, ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
-
-
-def _why(exc: BaseException) -> str:
-    """One line for an exception, ExceptionGroups (trio nurseries) flattened."""
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_why(e) for e in exc.exceptions)
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} (errno {exc.errno}){' — run as root to bind the DHCP/TFTP ports' if exc.errno == 13 else ''}"
-    return str(exc) or type(exc).__name__
+    try:
+        return interface_ipv4(iface)
+    except UsageError as exc:
+        raise UsageError(f"{exc}: pass --server-address IP") from None
 
 
 def _onboard_baremetal(
@@ -198,14 +181,19 @@ def _onboard_baremetal(
     ipmi_password_file: str | None, redfish: str | None, redfish_user: str | None, redfish_password_file: str | None,
     interface: str | None, proxy_dhcp: bool, pool: str | None, server_address: str | None, timeout: str,
     disk_gb: int | None, http_port: int, boot_dir: pathlib.Path | None, definitions: str | None,
+    no_wait: bool = False,
 ) -> None:
-    """Render, ask, register, mint a token, allow the MAC, power on (BMC), serve, follow the stages."""
+    """Render, ask, register, mint a token, allow the MAC, power on (BMC), serve, follow the stages.
+    ``no_wait``: stop after the power step; the running boot services (`lab pxe serve`, or the
+    daemon's ``pxe:``) serve the machine and record its stages."""
     import ipaddress
 
     import trio
 
     from lab.coordinator import tokens
     from lab.coordinator.cli.pxe_cmd import BootServices, ServeOptions, _duration, _images, _pxe_home
+    from lab.coordinator.pxe.config import load_pxe_config
+    from lab.coordinator.pxe.service import why as _why
     from lab.coordinator.cli.token_cmd import _ca_fingerprint
     from lab.coordinator.engine import _split
     from lab.coordinator.power.base import PowerState
@@ -222,10 +210,14 @@ def _onboard_baremetal(
         raise UsageError("--provider baremetal needs --image NAME (see `lab image list`)")
     if proxy_dhcp and pool:
         raise UsageError("give --pool FIRST-LAST (full DHCP) or --proxy-dhcp, not both")
+    if no_wait and (proxy_dhcp or pool):
+        raise UsageError("with --no-wait the running boot services choose the DHCP mode (`lab pxe serve --pool …`, "
+                         "or pool: in config.yaml's pxe: section); leave out --pool/--proxy-dhcp")
     mac_n = normalize_mac(mac)
     wait_s = _duration(timeout)
     bmc = bm.bmc_from_options(ipmi, ipmi_user, ipmi_password_file, redfish, redfish_user, redfish_password_file)
     label_list = _split(labels)
+    pxe_cfg = load_pxe_config(base.Paths.resolve(definitions).home) if no_wait else None
     prefix = 24
     if interface:
         try:
@@ -235,15 +227,22 @@ def _onboard_baremetal(
                 raise
             detected = server_address
         server_address = server_address or detected
-    if not server_address:
-        raise UsageError("which address do machines reach this device at? pass --interface IFACE or --server-address IP")
-    try:
-        ipaddress.IPv4Address(server_address)
-    except ValueError:
-        raise UsageError(f"--server-address wants an IPv4 address, not {server_address!r}") from None
-    if not proxy_dhcp and pool is None:
-        pool = bm.default_pool(server_address, prefix)
+    if no_wait and not server_address and pxe_cfg is not None:
+        try:  # the daemon's address on the boot segment (its interface may live elsewhere, e.g. a netns)
+            server_address = pxe_cfg.address or pxe_cfg.options().address
+        except ConfigError:
+            server_address = None
+    if not server_address and not (no_wait and (server or base._read_settings(base.Paths.resolve(definitions).home).get("server"))):
+        raise UsageError("which address do machines reach this device at? pass --interface IFACE or --server-address IP"
+                         + (" (or --server HOST:PORT with --no-wait)" if no_wait else ""))
+    if server_address:
+        try:
+            ipaddress.IPv4Address(server_address)
+        except ValueError:
+            raise UsageError(f"--server-address wants an IPv4 address, not {server_address!r}") from None
     netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
+    if pool == "auto":  # full DHCP from the top of the interface's subnet
+        pool = bm.default_pool(str(server_address), prefix)
     paths = base.Paths.resolve(definitions)
     home = paths.home
     try:
@@ -251,7 +250,13 @@ def _onboard_baremetal(
     except LabError as exc:
         raise OnboardFailed("render", f"{exc} (register it with `lab image add {image} --kernel … --initrd …`)") from exc
     endpoint = server or base._read_settings(home).get("server") or f"{server_address}:7443"
-    mode = "proxy" if proxy_dhcp else "full"
+    if no_wait:
+        mode, pool = (pxe_cfg.mode, pxe_cfg.pool) if pxe_cfg is not None else ("proxy", None)
+        where = ("the coordinator daemon (config.yaml pxe:" + (f" on {pxe_cfg.interface}" if pxe_cfg.interface else "")
+                 + ")" if pxe_cfg is not None else "`lab pxe serve` (start it on the boot segment)")
+    else:
+        mode = "full" if pool is not None else "proxy"
+        where = "this device" + (f" ({interface}, {server_address})" if interface else f" ({server_address})")
 
     with base._engine(definitions, local=True) as engine:
         if label_list:
@@ -264,11 +269,11 @@ def _onboard_baremetal(
 
         # Step 1: render
         _say("Step 1: Render")
-        where = "this device" + (f" ({interface}, {server_address})" if interface else f" ({server_address})")
         for line in render_table(bm.table_rows(name, mac_n, image, label_list, where)).splitlines():
             _say("  " + line)
         _say("\n  Onboarding will:")
-        for line in bm.plan_lines(mac_n, image, img.family, interface, label_list, bmc.label if bmc else None):
+        for line in bm.plan_lines(mac_n, image, img.family, interface, label_list, bmc.label if bmc else None,
+                                  served_by=where if no_wait else None):
             _say("  " + line)
         _say("")
         for line in bm.warning_lines(mac_n, mode, pool):
@@ -318,9 +323,10 @@ def _onboard_baremetal(
                                   labels=tuple(label_list), token=token, disk_gb=disk_gb, coordinator=str(endpoint))
             write_node(_pxe_home() / "nodes", node)
             del token
-            step = "serve"
-            services = BootServices(ServeOptions(server_address, interface, pool, proxy_dhcp, netmask, None, boot_dir,
-                                                 http_port=http_port))
+            if not no_wait:
+                step = "serve"
+                services = BootServices(ServeOptions(server_address or "", interface, pool, proxy_dhcp, netmask, None,
+                                                     boot_dir, http_port=http_port), home)
         except OnboardFailed as exc:
             audit("onboard.failed", {"step": exc.step, "why": exc.why})
             raise
@@ -349,6 +355,22 @@ def _onboard_baremetal(
             finally:
                 if hasattr(ctl, "close"):
                     ctl.close()
+
+        if no_wait:
+            if bmc is not None:
+                try:
+                    power()
+                except LabError as exc:
+                    record("failed", "power")
+                    audit("onboard.failed", {"step": "power", "why": str(exc)})
+                    raise OnboardFailed("power", str(exc)) from exc
+            audit("onboard.handed-over", {"provider": "baremetal", "served_by": "daemon" if pxe_cfg is not None else "pxe-serve",
+                                          "expires_at": node.expires_at})
+            _say(f"  → MAC {mac_n.upper()} allowed for {timeout}; the boot is left to {where}")
+            if pxe_cfg is None:
+                _say("  ! no pxe: section in config.yaml: nothing serves this machine until `lab pxe serve` runs on its segment")
+            _say(f"  → `lab get servers` shows {name}'s stage as the boot services record it")
+            return
 
         outcome: dict[str, Any] = {}
 
@@ -431,8 +453,9 @@ def onboard(
     redfish_user: Annotated[str | None, typer.Option("--redfish-user")] = None,
     redfish_password_file: Annotated[str | None, typer.Option("--redfish-password-file")] = None,
     interface: Annotated[str | None, typer.Option("--interface", help="baremetal: serve DHCP/TFTP on this interface (the target's L2 segment).")] = None,
-    proxy_dhcp: Annotated[bool, typer.Option("--proxy-dhcp", help="baremetal: boot information only; the network's DHCP server hands out addresses.")] = False,
-    pool: Annotated[str | None, typer.Option("--pool", help="baremetal: FIRST-LAST for full DHCP (default: the top of the interface's subnet).")] = None,
+    proxy_dhcp: Annotated[bool, typer.Option("--proxy-dhcp", help="baremetal: boot information only; the network's DHCP server hands out addresses (the default without --pool).")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="baremetal: register, allow the MAC and power on, then return; the running boot services (`lab pxe serve`, or `lab server run` with pxe: in config.yaml) serve the boot and record its stages.")] = False,
+    pool: Annotated[str | None, typer.Option("--pool", help="baremetal: FIRST-LAST (or auto: the top of the interface's subnet): full DHCP, only on a segment with no other DHCP server (default: proxyDHCP).")] = None,
     server_address: Annotated[str | None, typer.Option("--server-address", help="baremetal: this device's IPv4 address on the boot segment (default: the interface's).")] = None,
     timeout: Annotated[str, typer.Option("--timeout", help="baremetal: how long to wait for enrollment (e.g. 30m, 2h).")] = "30m",
     disk_gb: Annotated[int | None, typer.Option("--disk-gb", help="baremetal: boot disk size (chooses the disk layout).")] = None,
@@ -449,7 +472,7 @@ def onboard(
             ipmi=ipmi, ipmi_user=ipmi_user, ipmi_password_file=ipmi_password_file, redfish=redfish,
             redfish_user=redfish_user, redfish_password_file=redfish_password_file, interface=interface,
             proxy_dhcp=proxy_dhcp, pool=pool, server_address=server_address, timeout=timeout, disk_gb=disk_gb,
-            http_port=http_port, boot_dir=boot_dir, definitions=definitions,
+            http_port=http_port, boot_dir=boot_dir, definitions=definitions, no_wait=no_wait,
         )  # fmt: skip
         return
     if host is None:

@@ -97,6 +97,24 @@ def onboarding_facts(mac: str, stage: str, *, state: str = "running", history: S
     return {"onboarding": rec}
 
 
+def stage_after(key: str, previous: str | None) -> bool:
+    """Whether stage ``key`` is past ``previous`` (None: nothing yet)."""
+    return previous is None or _RANK[key] > _RANK.get(previous, -1)
+
+
+def advance_onboarding(facts: Any, mac: str, key: str, *, at: float) -> dict[str, Any] | None:
+    """The server's facts with its onboarding record moved on to stage ``key`` — what the boot
+    services (`lab pxe serve`, the daemon's `pxe:`) write after `lab onboard --no-wait`. None when
+    nothing changes: no onboarding record, another MAC, or a stage that is not past the recorded one."""
+    rec = facts.get("onboarding") if isinstance(facts, Mapping) else None
+    if not isinstance(rec, Mapping) or str(rec.get("mac", "")).lower() != mac.lower():
+        return None
+    if not stage_after(key, rec.get("stage") if rec.get("stage") in _RANK else None):
+        return None
+    history = [h for h in rec.get("history") or [] if isinstance(h, str)]
+    return {**facts, **onboarding_facts(mac, key, history=[*history, key], at=at)}
+
+
 def identity_pillar(facts: Any) -> str | None:
     """IDENTITY pillar text for a server that is not enrolled yet: the onboarding stage, or None."""
     rec = facts.get("onboarding") if isinstance(facts, Mapping) else None
@@ -121,13 +139,15 @@ def table_rows(name: str, mac: str, image: str, labels: Sequence[str], pxe_serve
 
 
 def plan_lines(mac: str, image: str, family: str, interface: str | None, labels: Sequence[str],
-               bmc: str | None = None) -> list[str]:
+               bmc: str | None = None, served_by: str | None = None) -> list[str]:
+    """``served_by``: `lab onboard --no-wait` leaves the boot to these running boot services."""
     installer = {"ubuntu": "Ubuntu autoinstall", "debian": "Debian preseed", "rhel": "kickstart"}.get(family, family)
     lines = []
     if bmc:
         lines.append(f"+ {bmc}: set next boot to PXE and power the machine on")
     lines += [
-        f"+ Start PXE/DHCP/TFTP on {interface or 'all interfaces'}",
+        f"+ Start PXE/DHCP/TFTP on {interface or 'all interfaces'}" if served_by is None
+        else f"+ Return once the MAC is allowed; {served_by} serves the boot",
         f"+ Wait for machine with MAC {mac.upper()} to boot",
         f"+ Serve unattended {image} installer ({installer})",
         "+ After install: auto-enroll with one-time token baked into installer",
@@ -142,7 +162,7 @@ def warning_lines(mac: str, mode: str, pool: str | None) -> list[str]:
         lines.append(f"⚠ DHCP: proxyDHCP, boot information ONLY to MAC {mac.upper()} (the network's DHCP server hands out the address)")
     else:
         lines.append(f"⚠ DHCP: will respond ONLY to MAC {mac.upper()} (safe for existing networks)")
-        lines.append(f"⚠ DHCP: full mode, address from {pool}; on a network with its own DHCP server use --proxy-dhcp")
+        lines.append(f"⚠ DHCP: full mode, address from {pool}; only on a segment with no other DHCP server (without --pool: proxyDHCP)")
     return lines
 
 

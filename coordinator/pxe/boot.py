@@ -75,6 +75,8 @@ def ipxe_script(node: OnboardingNode, image: Image, http_base: str) -> str:
     base = http_base.rstrip("/")
     if image.family == "ubuntu":
         args = f"autoinstall ip=dhcp ds=nocloud;s={config_url(node, base)}"
+        if image.iso is not None and "url=" not in image.cmdline:  # casper loads the live ISO over HTTP
+            args += f" url={base}/images/{image.name}/image.iso cloud-config-url=/dev/null"
     elif image.family == "debian":
         args = (f"auto=true priority=critical url={config_url(node, base, 'preseed.cfg')} "
                 f"hostname={node.hostname} domain={node.domain} interface=auto")

@@ -38,7 +38,8 @@ CHUNK = 256 * 1024
 _MAC = r"([0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2}){5}|[0-9a-fA-F]{12})"
 _SCRIPT_RE = re.compile(rf"^/boot/{_MAC}\.ipxe$")
 _CONFIG_RE = re.compile(rf"^/autoinstall/{_MAC}/(user-data|meta-data|vendor-data|preseed\.cfg|ks\.cfg)$")
-_IMAGE_RE = re.compile(r"^/images/([a-z0-9][a-z0-9._-]{0,62})/(vmlinuz|initrd)$")
+_IMAGE_RE = re.compile(r"^/images/([a-z0-9][a-z0-9._-]{0,62})/(vmlinuz|initrd|image\.iso)$")
+_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 _AGENT_SCRIPT_RE = re.compile(rf"^/agent/(?:{_MAC}/)?install\.sh$")
 AGENT_UNIT_PATH = "/agent/" + boot.AGENT_UNIT
 _REPO = pathlib.Path(__file__).resolve().parents[2]  # the source tree (editable install)
@@ -164,19 +165,59 @@ class BootService:
                 image = self.images.get(m[1])
             except (NotFound, ConfigError):
                 return _text(404, "not found")
+            if m[2] == "image.iso":
+                if image.iso is None or not image.iso.is_file():
+                    return _text(404, "not found")
+                return Response(200, file=image.iso, content_type="application/octet-stream")
             f = image.kernel if m[2] == "vmlinuz" else image.initrd
             return Response(200, file=f, content_type="application/octet-stream")
         return _text(404, "not found")
 
 
-async def _send_response(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, head_only: bool) -> None:
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+    """One ``Range: bytes=a-b`` (or ``a-``, ``-n``) over a file of ``size`` bytes → (first, last)
+    inclusive; None: serve the whole file (no header, or one we do not handle, e.g. several ranges);
+    False: unsatisfiable (416)."""
+    if header is None:
+        return None
+    m = _RANGE_RE.match(header.strip())
+    if m is None or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # the last n bytes
+        n = int(m[2])
+        return (max(0, size - n), size - 1) if n and size else False
+    first = int(m[1])
+    if m[2] and int(m[2]) < first:
+        return None  # syntactically invalid: ignored (RFC 9110 14.2)
+    if first >= size:
+        return False
+    return first, min(int(m[2]), size - 1) if m[2] else size - 1
+
+
+async def _send_response(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, head_only: bool,
+                         range_header: str | None = None) -> None:
     size = resp.file.stat().st_size if resp.file is not None else len(resp.body)
-    headers = [("content-type", resp.content_type), ("content-length", str(size)), ("server", "lab-pxe")]
-    await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers)))
+    status, first, length = resp.status, 0, size
+    headers = [("content-type", resp.content_type), ("server", "lab-pxe")]
+    if resp.file is not None and resp.status == 200:
+        headers.append(("accept-ranges", "bytes"))
+        want = byte_range(range_header, size)
+        if want is False:
+            resp = _text(416, "range not satisfiable")
+            status, length, headers = 416, len(resp.body), [*headers, ("content-range", f"bytes */{size}")]
+        elif want is not None:
+            first, last = want
+            status, length = 206, last - first + 1
+            headers.append(("content-range", f"bytes {first}-{last}/{size}"))
+    headers.append(("content-length", str(length)))
+    await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
     if not head_only:
         if resp.file is not None:
             async with await trio.open_file(resp.file, "rb") as f:
-                while chunk := await f.read(CHUNK):
+                await f.seek(first)
+                left = length
+                while left > 0 and (chunk := await f.read(min(CHUNK, left))):
+                    left -= len(chunk)
                     await stream.send_all(conn.send(h11.Data(data=chunk)))
         elif resp.body:
             await stream.send_all(conn.send(h11.Data(data=resp.body)))
@@ -225,7 +266,8 @@ async def handle_connection(service: BootService, stream: trio.abc.Stream, peer_
             log.info("event=http method=%s path=%s status=%d peer=%s", method, path, resp.status, peer_ip)
             if resp.event is not None and on_event is not None:
                 on_event(*resp.event)
-            await _send_response(conn, stream, resp, method == "HEAD")
+            rng = next((v.decode("latin-1") for k, v in request.headers if k == b"range"), None)
+            await _send_response(conn, stream, resp, method == "HEAD", rng)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()

@@ -264,14 +264,18 @@ def boot_lab(segment: Segment, tmp_path: pathlib.Path):
 
     (tmp_path / "token").write_text(mint_token(b32(bytes(32)))[0])
     lab_cli(env, "pxe", "allow", QEMU_MAC, "--hostname", "qemu-1", "--token-file", str(tmp_path / "token"))
-    # the guest's NIC: a tap in the client namespace, bridged to the veth
-    sh("ip", "-n", segment.cli, "link", "add", "labbr", "type", "bridge")
-    sh("ip", "-n", segment.cli, "tuntap", "add", "dev", "labtap", "mode", "tap")
-    for ifname in (segment.if_cli, "labtap"):
-        sh("ip", "-n", segment.cli, "link", "set", ifname, "master", "labbr")
-    for ifname in ("labtap", "labbr"):
-        sh("ip", "-n", segment.cli, "link", "set", ifname, "up")
+    guest_nic(segment)
     return home
+
+
+def guest_nic(seg: Segment) -> None:
+    """The guest's NIC: a tap (`labtap`, what `qemu` attaches to) in the client namespace, bridged to the veth."""
+    sh("ip", "-n", seg.cli, "link", "add", "labbr", "type", "bridge")
+    sh("ip", "-n", seg.cli, "tuntap", "add", "dev", "labtap", "mode", "tap")
+    for ifname in (seg.if_cli, "labtap"):
+        sh("ip", "-n", seg.cli, "link", "set", ifname, "master", "labbr")
+    for ifname in ("labtap", "labbr"):
+        sh("ip", "-n", seg.cli, "link", "set", ifname, "up")
 
 
 @contextlib.contextmanager

@@ -19,14 +19,13 @@ import selectors
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_pxe_netns import LAB, QEMU_MAC, Segment, need, qemu, sh  # noqa: E402
-from test_power_bmc import CHASSIS  # noqa: E402
+from test_pxe_netns import LAB, QEMU_MAC, Segment, guest_nic, need, qemu  # noqa: E402
+from _ipmi_sim import ipmi_sim_args  # noqa: E402
 
 NAME = "qemu-1"
 
@@ -45,29 +44,7 @@ def identity(env: dict[str, str]) -> str | None:
 
 
 def start_ipmi_sim(ns: str, tmp: pathlib.Path, port: int) -> subprocess.Popen[bytes]:
-    chassis = tmp / "chassis.sh"
-    chassis.write_text(CHASSIS)
-    chassis.chmod(0o755)
-    (tmp / "lan.conf").write_text(textwrap.dedent(f"""\
-        name "labtest"
-        set_working_mc 0x20
-          startlan 1
-            addr 127.0.0.1 {port}
-            priv_limit admin
-            allowed_auths_callback none md2 md5 straight
-            allowed_auths_user none md2 md5 straight
-            allowed_auths_operator none md2 md5 straight
-            allowed_auths_admin none md2 md5 straight
-            guid a123456789abcdefa123456789abcdef
-          endlan
-          chassis_control "{chassis} 0x20"
-          user 2 true  "admin" "s3cret" admin 10 none md2 md5 straight
-        """))
-    (tmp / "sim.emu").write_text(
-        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n"
-        "sel_enable 0x20 1000 0x0a\nmc_enable 0x20\n")
-    return subprocess.Popen(["ip", "netns", "exec", ns, "ipmi_sim", "-c", str(tmp / "lan.conf"), "-f", str(tmp / "sim.emu"),
-                             "-s", str(tmp / "state"), "-n"],
+    return subprocess.Popen(["ip", "netns", "exec", ns, "ipmi_sim", *ipmi_sim_args(tmp, port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
 
@@ -90,13 +67,7 @@ def test_baremetal_onboard_follows_the_boot_and_times_out_at_the_install(tmp_pat
     assert r.returncode == 0, r.stderr
 
     with Segment() as seg:
-        # the guest's NIC: a tap in the client namespace, bridged to the veth
-        sh("ip", "-n", seg.cli, "link", "add", "labbr", "type", "bridge")
-        sh("ip", "-n", seg.cli, "tuntap", "add", "dev", "labtap", "mode", "tap")
-        for ifname in (seg.if_cli, "labtap"):
-            sh("ip", "-n", seg.cli, "link", "set", ifname, "master", "labbr")
-        for ifname in ("labtap", "labbr"):
-            sh("ip", "-n", seg.cli, "link", "set", ifname, "up")
+        guest_nic(seg)
         bmc_args: list[str] = []
         sim = None
         if use_bmc:
@@ -105,7 +76,7 @@ def test_baremetal_onboard_follows_the_boot_and_times_out_at_the_install(tmp_pat
             bmc_args = ["--ipmi", "127.0.0.1:9623", "--ipmi-user", "admin"]
         onboard = subprocess.Popen(
             ["ip", "netns", "exec", seg.srv, LAB, "onboard", NAME, "--provider", "baremetal", "--mac", QEMU_MAC,
-             "--image", "test-image", "--interface", seg.if_srv, "--server-address", seg.server_ip, *bmc_args,
+             "--image", "test-image", "--interface", seg.if_srv, "--server-address", seg.server_ip, "--pool", "auto", *bmc_args,
              "--yes", "--timeout", "60s"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
         lines: list[str] = []

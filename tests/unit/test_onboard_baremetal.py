@@ -40,7 +40,7 @@ def test_plan_and_warnings() -> None:
     warn = bm.warning_lines(MAC, "full", "10.0.0.200-10.0.0.250")
     assert warn[0] == "⚠ PXE requires: network interface on same L2 segment as target machine"
     assert warn[1] == "⚠ DHCP: will respond ONLY to MAC AA:BB:CC:DD:EE:FF (safe for existing networks)"
-    assert "--proxy-dhcp" in warn[2]
+    assert "no other DHCP server" in warn[2] and "proxyDHCP" in warn[2]
     assert "proxyDHCP" in bm.warning_lines(MAC, "proxy", None)[1]
 
 
