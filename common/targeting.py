@@ -102,6 +102,21 @@ class ServerView:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LabelItems:
+    """What a server gets from its labels and recorded size alone, whatever its groups and the
+    alerts that target it: the part of its :class:`ServerView` that every server with the same
+    labels and size shares (see :meth:`Fleet.label_items`)."""
+
+    puppet_classes: tuple[Item, ...]
+    secrets: tuple[Item, ...]
+    label_alerts: tuple[tuple[str, str], ...]  # (alert, "label:NAME") in the order the labels name them
+    auto_alerts: tuple[tuple[str, str], ...]  # (alert, "auto:REASON"): size, ports, classes, identity, enrollment
+    ports: tuple[int, ...]
+    size: str | None
+    size_source: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GroupView:
     name: str
     members: tuple[str, ...]
@@ -406,23 +421,17 @@ class Fleet:
         self._server_alerts[slot] = alerts
         return self.server(name)
 
-    def _view(
-        self,
-        s: ServerLike,
-        groups: Sequence[str],
-        in_group: Mapping[str, bool],
-        alert_names: Sequence[str],
-        g_excl: Mapping[str, str],
-        a_excl: Mapping[str, str],
-    ) -> ServerView:
+    def label_items(self, labels: Sequence[str], size: str | None) -> LabelItems:
+        """What ``labels`` and a recorded ``size`` give any server: its classes, secrets, ports and
+        size (recorded, else the first label's), the alerts its labels name and the auto-generated
+        alerts, each with its source. Labels that are not defined give nothing."""
         d = self.definitions
-        labels = [d.labels[x] for x in s.labels if x in d.labels]
         classes = _Collector()
         secrets = _Collector()
-        alerts = _Collector()
+        label_alerts: dict[tuple[str, str], None] = {}
         ports: list[int] = []
-        size, size_source = s.size, ("server" if s.size else None)
-        for label in labels:
+        size_source = "server" if size else None
+        for label in [d.labels[x] for x in labels if x in d.labels]:
             src = f"label:{label.name}"
             for c in label.puppet_classes:
                 classes.add(c, src)
@@ -433,27 +442,54 @@ class Fleet:
                     kind += ", per-machine"
                 secrets.add(p, src, kind)
             for a in label.alerts:
-                alerts.add(a, src)
+                label_alerts[(a, src)] = None
             for p in label.ports:
                 if p not in ports:
                     ports.append(p)
             if size is None and label.size:
                 size, size_source = label.size, src
-        for a in alert_names:
-            alerts.add(a, _target_source(d.alerts[a], s, in_group))
+        auto: dict[tuple[str, str], None] = {}
         if size is not None:
             for a in SIZE_ALERTS:
-                alerts.add(a, f"auto:size:{size}")
+                auto[(a, f"auto:size:{size}")] = None
         for p in ports:
             if p in PORT_ALERTS:
-                alerts.add(PORT_ALERTS[p], f"auto:port:{p}")
+                auto[(PORT_ALERTS[p], f"auto:port:{p}")] = None
         for c in classes.names():
             for a in CLASS_ALERTS.get(c, ()):
-                alerts.add(a, f"auto:class:{c}")
+                auto[(a, f"auto:class:{c}")] = None
         for a in IDENTITY_ALERTS:
-            alerts.add(a, "auto:identity")
+            auto[(a, "auto:identity")] = None
         for a in ENROLLMENT_ALERTS:
-            alerts.add(a, "auto:enrollment")
+            auto[(a, "auto:enrollment")] = None
+        return LabelItems(
+            puppet_classes=classes.items(),
+            secrets=secrets.items(),
+            label_alerts=tuple(label_alerts),
+            auto_alerts=tuple(auto),
+            ports=tuple(ports),
+            size=size,
+            size_source=size_source,
+        )
+
+    def _view(
+        self,
+        s: ServerLike,
+        groups: Sequence[str],
+        in_group: Mapping[str, bool],
+        alert_names: Sequence[str],
+        g_excl: Mapping[str, str],
+        a_excl: Mapping[str, str],
+    ) -> ServerView:
+        d = self.definitions
+        base = self.label_items(s.labels, s.size)
+        alerts = _Collector()
+        for a, src in base.label_alerts:
+            alerts.add(a, src)
+        for a in alert_names:
+            alerts.add(a, _target_source(d.alerts[a], s, in_group))
+        for a, src in base.auto_alerts:
+            alerts.add(a, src)
         excluded = [Exclusion("group", g, why) for g, why in g_excl.items()]
         excluded += [Exclusion("alert", a, why) for a, why in a_excl.items()]
         return ServerView(
@@ -461,13 +497,13 @@ class Fleet:
             labels=tuple(s.labels),
             environment=s.environment,
             region=s.region,
-            size=size,
-            size_source=size_source,
+            size=base.size,
+            size_source=base.size_source,
             groups=tuple(groups),
-            puppet_classes=classes.items(),
+            puppet_classes=base.puppet_classes,
             alerts=alerts.items(),
-            secrets=secrets.items(),
-            ports=tuple(ports),
+            secrets=base.secrets,
+            ports=base.ports,
             excluded_from=tuple(excluded),
             undefined_labels=tuple(x for x in s.labels if x not in d.labels),
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 from lab.common.config import Alert, format_duration
 from lab.common.errors import ConfigError
-from lab.common.targeting import CLASS_ALERTS, ENROLLMENT_ALERTS, IDENTITY_ALERTS, PORT_ALERTS, SIZE_ALERTS, Fleet
+from lab.common.targeting import Fleet
 from lab.coordinator.alerts import auto
 from lab.coordinator.alerts.condition import Condition, parse, parse_alert
 
@@ -108,12 +108,13 @@ def _describe_source(source: str) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Extras:
-    """What rendering needs of the server views beyond the defined alerts, computed straight from
-    the labels (compiling every complete :class:`ServerView` costs seconds at 10,000 servers).
+    """What rendering needs of the server views beyond the defined alerts, from
+    :meth:`Fleet.label_items` once per distinct (labels, size) (compiling every complete
+    :class:`ServerView` costs seconds at 10,000 servers).
 
     ``named`` holds, per server, the (alert, source) pairs of label-named checks and
-    auto-generated alerts, exactly as the server's view lists them (the unit tests compare the
-    two for random fleets); ``ports`` and ``classes`` per server as in the view."""
+    auto-generated alerts, as the server's view lists them; ``ports`` and ``classes`` per server
+    as in the view."""
 
     named: Mapping[str, tuple[tuple[str, str], ...]]
     ports: Mapping[str, tuple[int, ...]]
@@ -121,11 +122,6 @@ class _Extras:
 
 
 def _extras(fleet: Fleet) -> _Extras:
-    d = fleet.definitions
-    per_label: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], str | None]] = {
-        name: (tuple(lab.puppet_classes), tuple(lab.ports), tuple(lab.alerts), lab.size) for name, lab in d.labels.items()
-    }
-    always = tuple((a, "auto:identity") for a in IDENTITY_ALERTS) + tuple((a, "auto:enrollment") for a in ENROLLMENT_ALERTS)
     named: dict[str, tuple[tuple[str, str], ...]] = {}
     ports_of: dict[str, tuple[int, ...]] = {}
     classes_of: dict[str, tuple[str, ...]] = {}
@@ -134,27 +130,9 @@ def _extras(fleet: Fleet) -> _Extras:
         key = (tuple(record.labels), getattr(record, "size", None))
         hit = cache.get(key)
         if hit is None:
-            pairs: dict[tuple[str, str], None] = {}
-            ports: dict[int, None] = {}
-            classes: dict[str, None] = {}
-            size = key[1]
-            for label in key[0]:
-                info = per_label.get(label)
-                if info is None:
-                    continue
-                cls, prt, alerts, lsize = info
-                classes.update(dict.fromkeys(cls))
-                src = f"label:{label}"
-                pairs.update(dict.fromkeys((a, src) for a in alerts))
-                ports.update(dict.fromkeys(prt))
-                if size is None and lsize:
-                    size = lsize
-            if size is not None:
-                pairs.update(dict.fromkeys((a, f"auto:size:{size}") for a in SIZE_ALERTS))
-            pairs.update(dict.fromkeys((PORT_ALERTS[p], f"auto:port:{p}") for p in ports if p in PORT_ALERTS))
-            pairs.update(dict.fromkeys((a, f"auto:class:{c}") for c in classes for a in CLASS_ALERTS.get(c, ())))
-            pairs.update(dict.fromkeys(always))
-            hit = cache[key] = (tuple(pairs), tuple(ports), tuple(classes))
+            items = fleet.label_items(*key)
+            classes = tuple(item.name for item in items.puppet_classes)
+            hit = cache[key] = (items.label_alerts + items.auto_alerts, items.ports, classes)
         named[name], ports_of[name], classes_of[name] = hit
     return _Extras(named, ports_of, classes_of)
 

@@ -15,26 +15,20 @@ recorded with their arguments and replayed alone the same number of times. The r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import time
+import sys
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from nacl import bindings as sodium
 
 from lab.common import noise
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from primitive_floor import Recording, best_of, count_for, replay  # noqa: E402
+
 NAME = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
 ROUNDS = 5
-PRIMITIVES = [
-    "crypto_scalarmult",
-    "crypto_scalarmult_base",
-    "crypto_box_keypair",
-    "crypto_aead_chacha20poly1305_ietf_encrypt",
-    "crypto_aead_chacha20poly1305_ietf_decrypt",
-]
 
 
 def xx_handshake(i_key: bytes, r_key: bytes) -> None:
@@ -47,87 +41,6 @@ def xx_handshake(i_key: bytes, r_key: bytes) -> None:
     resp.split()
 
 
-class _CountingHash:
-    """Stands in for hashlib.blake2b and remembers how many bytes each hash consumed."""
-
-    log: list[int] = []
-
-    def __init__(self, data: bytes = b"") -> None:
-        self._h = hashlib.blake2b(data)
-        self._n = len(data)
-
-    def update(self, data: bytes) -> None:
-        self._h.update(data)
-        self._n += len(data)
-
-    def digest(self) -> bytes:
-        _CountingHash.log.append(self._n)
-        return self._h.digest()
-
-
-def record_primitive_calls(run: Callable[[], None]) -> list[tuple[Callable[..., Any], tuple[Any, ...], str]]:
-    """Run `run` once with noise's primitives wrapped; return (function, args, label) per call."""
-    calls: list[tuple[Callable[..., Any], tuple[Any, ...], str]] = []
-    saved = {name: getattr(noise, name) for name in [*PRIMITIVES, "_blake2b"]}
-
-    def wrap(name: str) -> Callable[..., Any]:
-        real = getattr(sodium, name)
-
-        def recording(*args: Any) -> Any:
-            calls.append((real, args, name))
-            return real(*args)
-
-        return recording
-
-    _CountingHash.log = []
-    try:
-        for name in PRIMITIVES:
-            setattr(noise, name, wrap(name))
-        noise._blake2b = _CountingHash  # type: ignore[assignment]
-        run()
-    finally:
-        for name, value in saved.items():
-            setattr(noise, name, value)
-    for size in _CountingHash.log:
-        calls.append((lambda data: hashlib.blake2b(data).digest(), (bytes(size),), "blake2b"))
-    return calls
-
-
-def timed(count: int, body: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    for _ in range(count):
-        body()
-    return time.perf_counter() - start
-
-
-def replay(calls: list[tuple[Callable[..., Any], tuple[Any, ...], str]]) -> Callable[[], None]:
-    def body() -> None:
-        for function, args, _ in calls:
-            function(*args)
-
-    return body
-
-
-def best_of(
-    rounds: int, count: int, ours: Callable[[], None], floor: Callable[[], None]
-) -> tuple[float, float]:
-    """Fastest round of each, rounds interleaved: other load on the machine hits both alike."""
-    best_ours = best_floor = float("inf")
-    for _ in range(rounds):
-        best_ours = min(best_ours, timed(count, ours))
-        best_floor = min(best_floor, timed(count, floor))
-    return best_ours, best_floor
-
-
-def count_for(seconds: float, body: Callable[[], None]) -> int:
-    """How many runs of `body` fit in about `seconds` (from a short calibration)."""
-    n, elapsed = 1, 0.0
-    while elapsed < 0.2:
-        n *= 2
-        elapsed = timed(n, body)
-    return max(1, int(n * seconds / elapsed))
-
-
 def bench_handshakes(seconds: float) -> None:
     i_key, _ = noise.generate_keypair()
     r_key, _ = noise.generate_keypair()
@@ -136,7 +49,9 @@ def bench_handshakes(seconds: float) -> None:
         xx_handshake(i_key, r_key)
 
     run()  # warm the static-key cache as a long-running node would be
-    calls = record_primitive_calls(run)
+    with Recording() as recording:  # noise's primitives wrapped for one run
+        run()
+    calls = recording.calls
     count = count_for(seconds / ROUNDS, run)
     ours, floor = best_of(ROUNDS, count, run, replay(calls))
     ops = Counter(label for _, _, label in calls)

@@ -21,106 +21,32 @@ Prints figures; never fails.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 import nacl.bindings
-from nacl import bindings as sodium
 
-from lab.common import noise, wire
+from lab.common import wire
 from lab.common._rpc_session import NEED_DATA, Identity, PeerAuthenticated, SecureSession
 from lab.common.identity import CertificateAuthority, NodeKey
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from primitive_floor import Call, Recording, best_of, count_for, replay, timed  # noqa: E402
+
 ROUNDS = 5
-NOISE_PRIMITIVES = [
-    "crypto_scalarmult",
-    "crypto_scalarmult_base",
-    "crypto_box_keypair",
-    "crypto_aead_chacha20poly1305_ietf_encrypt",
-    "crypto_aead_chacha20poly1305_ietf_decrypt",
-]
-Call = tuple[Callable[..., Any], tuple[Any, ...], str]
 
 
-class _CountingHash:
-    """Stands in for noise's hashlib.blake2b and remembers how many bytes each hash consumed."""
-
-    log: list[int] = []
-
-    def __init__(self, data: bytes = b"") -> None:
-        self._h = hashlib.blake2b(data)
-        self._n = len(data)
-
-    def update(self, data: bytes) -> None:
-        self._h.update(data)
-        self._n += len(data)
-
-    def digest(self) -> bytes:
-        _CountingHash.log.append(self._n)
-        return self._h.digest()
-
-
-class Recording:
-    """Context manager: while active, every primitive call made through noise and identity is logged."""
-
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
-        self._saved: dict[tuple[Any, str], Any] = {}
-
-    def _wrap(self, module: Any, name: str, label: str) -> None:
-        real = getattr(sodium, name)
-        self._saved[(module, name)] = getattr(module, name)
-
-        def recording(*args: Any) -> Any:
-            self.calls.append((real, args, label))
-            return real(*args)
-
-        setattr(module, name, recording)
-
-    def __enter__(self) -> Recording:
-        for name in NOISE_PRIMITIVES:
-            self._wrap(noise, name, name.replace("crypto_aead_chacha20poly1305_ietf_", "chachapoly_"))
+def recording() -> Recording:
+    """Every primitive call made through noise and identity (Ed25519 verifications), logged."""
+    return Recording(
+        label=lambda name: name.replace("crypto_aead_chacha20poly1305_ietf_", "chachapoly_"),
         # identity calls nacl.bindings.crypto_sign_open (Ed25519 verify) through the module
-        self._wrap(nacl.bindings, "crypto_sign_open", "ed25519_verify")
-        self._saved[(noise, "_blake2b")] = noise._blake2b
-        _CountingHash.log = []
-        noise._blake2b = _CountingHash  # type: ignore[assignment]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for (module, name), value in self._saved.items():
-            setattr(module, name, value)
-        for size in _CountingHash.log:
-            self.calls.append((lambda data: hashlib.blake2b(data).digest(), (bytes(size),), "blake2b"))
-
-
-def replay(calls: list[Call]) -> Callable[[], None]:
-    def body() -> None:
-        for function, args, _ in calls:
-            function(*args)
-
-    return body
-
-
-def timed(count: int, body: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    for _ in range(count):
-        body()
-    return time.perf_counter() - start
-
-
-def count_for(seconds: float, body: Callable[[], Any]) -> int:
-    n, elapsed = 1, 0.0
-    while elapsed < 0.2:
-        n *= 2
-        elapsed = timed(n, body)
-    return max(1, int(n * seconds / elapsed))
+        also=[(nacl.bindings, "crypto_sign_open", "ed25519_verify")],
+    )
 
 
 def make_identities() -> tuple[Identity, Identity]:
@@ -183,10 +109,10 @@ class HandshakeRig:
 
     def record_server_calls(self) -> list[Call]:
         c, msg1 = self.client_msg1()
-        with Recording() as r1:
+        with recording() as r1:
             s, msg2 = self.server_msg2(msg1)
         msg3 = self.client_msg3(c, msg2)
-        with Recording() as r2:
+        with recording() as r2:
             ready = self.server_ready(s, msg3)
         self.client_done(c, ready)
         return r1.calls + r2.calls
@@ -234,14 +160,11 @@ def bench_transport(seconds: float) -> None:
         assert ev.__class__ is wire.Request
 
     run()
-    with Recording() as rec:
+    with recording() as rec:
         run()
     floor_body = replay(rec.calls)
     count = count_for(seconds / ROUNDS, run)
-    best_ours = best_floor = float("inf")
-    for _ in range(ROUNDS):
-        best_ours = min(best_ours, timed(count, run))
-        best_floor = min(best_floor, timed(count, floor_body))
+    best_ours, best_floor = best_of(ROUNDS, count, run, floor_body)
     mb = count * size / 1e6
     ops = Counter(label for _, _, label in rec.calls)
     per = ", ".join(f"{v} {k}" for k, v in sorted(ops.items()))

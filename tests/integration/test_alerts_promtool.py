@@ -17,10 +17,8 @@ Debian package `prometheus` (promtool). A missing binary skips, except under CI=
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import re
-import shutil
 import subprocess
 import tempfile
 
@@ -37,16 +35,10 @@ from lab.coordinator.alerts.render import env_file, target_source
 from lab.coordinator.engine import EXAMPLES
 from lab.coordinator.state import Server
 
-
-def need(binary: str) -> str:
-    found = shutil.which(binary)
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{binary} is required under CI (Debian package prometheus)")
-    pytest.skip(f"{binary} not installed")
+from _prometheus import need
 
 
+PACKAGE = "Debian package prometheus"
 DEFS = load_definitions(EXAMPLES)
 SERVERS = [
     Server("worker-5", "aws", ("k8s-worker", "production", "eu-west"), "prod", "eu-west"),
@@ -173,7 +165,7 @@ def servers_of(c: dict) -> set[str]:
 
 
 def test_rendered_rules_fire_for_selected_servers_and_not_for_excluded_ones(out: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    promtool = need("promtool")
+    promtool = need("promtool", hint=PACKAGE)
     tests = generated_tests(out)
     # The proof covers what the issue names: selected servers fire, excluded ones do not.
     assert servers_of(case(tests, "rules/prod.yaml", "memory_pressure")) == {"worker-5"}  # not batch-worker-1, not worker-6 (cool)
@@ -197,7 +189,7 @@ def test_rendered_rules_fire_for_selected_servers_and_not_for_excluded_ones(out:
 @pytest.mark.parametrize("wrong", ["excluded server expected to fire", "selected server expected silent", "fires before for: has passed"])
 def test_promtool_fails_on_a_wrong_expectation(out: pathlib.Path, tmp_path: pathlib.Path, wrong: str) -> None:
     """Negative control: the same generated test with one wrong expectation fails."""
-    promtool = need("promtool")
+    promtool = need("promtool", hint=PACKAGE)
     tests = generated_tests(out)
     rule = next(r for g in yaml.safe_load((out / "rules" / "prod.yaml").read_text())["groups"] for r in g["rules"] if r["alert"] == "memory_pressure")
     if wrong == "excluded server expected to fire":
@@ -323,7 +315,7 @@ def worlds(draw: st.DrawFn) -> tuple[str, list[Server]]:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(worlds(), min_size=2, max_size=5))
 def test_promtool_accepts_rules_rendered_from_random_definitions(batch: list[tuple[str, list[Server]]]) -> None:
-    promtool = need("promtool")
+    promtool = need("promtool", hint=PACKAGE)
     with tempfile.TemporaryDirectory() as tmp:
         files: list[str] = []
         for i, (text, servers) in enumerate(batch):

@@ -8,9 +8,7 @@ except under CI=true, where it fails.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 import subprocess
 
 import pytest
@@ -21,15 +19,7 @@ from lab.coordinator.alerts import render_all, write_tree
 from lab.coordinator.engine import EXAMPLES
 from lab.coordinator.state import Server
 
-
-def need(*candidates: str) -> str:
-    for c in candidates:
-        found = shutil.which(c) or (c if os.path.isabs(c) and os.access(c, os.X_OK) else None)
-        if found:
-            return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{candidates[0]} is required under CI (install the Debian package)")
-    pytest.skip(f"{candidates[0]} not installed")
+from _prometheus import need
 
 
 SERVERS = [

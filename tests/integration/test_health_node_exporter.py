@@ -19,65 +19,21 @@ except under CI=true, where that fails. Every process started here is stopped he
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
-import pytest
+from _prometheus import free_port, need, process, prometheus, write_fast_config
 
 LAB = str(pathlib.Path(sys.executable).with_name("lab"))
-
-
-def need(*candidates: str) -> str:
-    for c in candidates:
-        found = shutil.which(c) or (c if os.path.isabs(c) and os.access(c, os.X_OK) else None)
-        if found:
-            return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{candidates[0]} is required under CI (Debian packages prometheus, prometheus-node-exporter)")
-    pytest.skip(f"{candidates[0]} not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def process(args: list[str], log: pathlib.Path, ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``args``, wait until ``ready_url`` answers 200, and always stop it afterwards."""
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"{args[0]} exited: {log.read_text()[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(ready_url, timeout=1).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{args[0]} not ready: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+PACKAGES = "Debian packages prometheus, prometheus-node-exporter"
 
 
 def lab(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -111,8 +67,8 @@ def wait_for(what: str, probe: Callable[[], object], want: Callable[[object], bo
 
 
 def test_real_node_exporter_values_and_forced_alerts_reach_health(tmp_path: pathlib.Path) -> None:
-    prometheus_bin = need("prometheus")
-    exporter_bin = need("prometheus-node-exporter", "node_exporter")
+    prometheus_bin = need("prometheus", hint=PACKAGES)
+    exporter_bin = need("prometheus-node-exporter", "node_exporter", hint=PACKAGES)
     home = tmp_path / "home"
     env = dict(os.environ, LAB_HOME=str(home), NO_COLOR="1")
     env.pop("LAB_DEFINITIONS", None)
@@ -127,27 +83,18 @@ def test_real_node_exporter_values_and_forced_alerts_reach_health(tmp_path: path
     textfiles = tmp_path / "textfile"
     textfiles.mkdir()
     write_textfile(textfiles, 1)
-    exporter_port, prom_port = free_port(), free_port()
+    exporter_port = free_port()
     exporter_args = [
         exporter_bin,
         f"--web.listen-address=127.0.0.1:{exporter_port}",
         f"--collector.textfile.directory={textfiles}",
     ]
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-rule_files: ["{out}/rules/*.yaml"]
-scrape_configs:
-  - job_name: node_exporter
-    file_sd_configs: [{{files: ["{out}/targets/node_exporter.json"], refresh_interval: 1s}}]
-    relabel_configs:   # the rendered HOST:9100 addresses all lead to the test's exporter
-      - {{target_label: __address__, replacement: "127.0.0.1:{exporter_port}"}}
-"""
+    config = write_fast_config(
+        tmp_path / "prometheus.yml", out / "rules", out / "targets" / "node_exporter.json",
+        "    relabel_configs:   # the rendered HOST:9100 addresses all lead to the test's exporter\n"
+        f'      - {{target_label: __address__, replacement: "127.0.0.1:{exporter_port}"}}\n',
     )
     prom_log, exporter_log = tmp_path / "prometheus.log", tmp_path / "node_exporter.log"
-    prom_args = [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"]
-    url = f"http://127.0.0.1:{prom_port}"
 
     def health() -> dict[str, str]:
         return {s["name"]: s["health"] for s in json.loads(lab(env, "get", "servers", "-o", "json").stdout)}
@@ -159,7 +106,7 @@ scrape_configs:
     with process(exporter_args, exporter_log, f"http://127.0.0.1:{exporter_port}/metrics"):
         metrics = httpx.get(f"http://127.0.0.1:{exporter_port}/metrics", timeout=5).text
         assert "node_memory_MemAvailable_bytes" in metrics and "lab_puppet_last_run_success 1" in metrics
-        with process(prom_args, prom_log, f"{url}/-/ready") as prom:
+        with prometheus(prometheus_bin, config, tmp_path / "tsdb", prom_log) as (url, prom):
             with (home / "config.yaml").open("a") as f:
                 f.write(f"health: {{prometheus: '{url}', timeout: 2}}\n")
 

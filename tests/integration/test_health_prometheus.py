@@ -13,36 +13,18 @@ import http.server
 import json
 import os
 import pathlib
-import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 
-import httpx
-import pytest
+from _prometheus import need, prometheus, write_fast_config
 
 LAB = str(pathlib.Path(sys.executable).with_name("lab"))
 
 # (available, size) of / per server: db-1 is 90% used, web-1 40%.
 DISKS = {"db-1": (10 * 2**30, 100 * 2**30), "web-1": (60 * 2**30, 100 * 2**30)}
-
-
-def need(binary: str) -> str:
-    found = shutil.which(binary)
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{binary} is required under CI (Debian package prometheus)")
-    pytest.skip(f"{binary} not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeNodeExporter(http.server.BaseHTTPRequestHandler):
@@ -82,44 +64,12 @@ def exporter() -> Iterator[int]:
         thread.join(5)
 
 
-@contextlib.contextmanager
-def prometheus(binary: str, config: pathlib.Path, storage: pathlib.Path, log: pathlib.Path) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={storage}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"prometheus exited: {log.read_text()[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"prometheus not ready: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
 def lab(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LAB, *args], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def test_real_prometheus_fires_the_rendered_alert_and_lab_reads_it(tmp_path: pathlib.Path) -> None:
-    binary = need("prometheus")
+    binary = need("prometheus", hint="Debian package prometheus")
     home = tmp_path / "home"
     env = dict(os.environ, LAB_HOME=str(home), NO_COLOR="1")
     env.pop("LAB_DEFINITIONS", None)
@@ -139,17 +89,8 @@ def test_real_prometheus_fires_the_rendered_alert_and_lab_reads_it(tmp_path: pat
             e["labels"]["__metrics_path__"] = f"/metrics/{e['labels']['lab_server']}"
         sd = tmp_path / "node_exporter.json"
         sd.write_text(json.dumps(entries))
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-rule_files: ["{out}/rules/*.yaml"]
-scrape_configs:
-  - job_name: node_exporter
-    file_sd_configs: [{{files: ["{sd}"], refresh_interval: 1s}}]
-"""
-        )
-        with prometheus(binary, config, tmp_path / "tsdb", tmp_path / "prometheus.log") as url:
+        config = write_fast_config(tmp_path / "prometheus.yml", out / "rules", sd)
+        with prometheus(binary, config, tmp_path / "tsdb", tmp_path / "prometheus.log") as (url, _proc):
             with (home / "config.yaml").open("a") as f:
                 f.write(f"health: {{prometheus: '{url}', timeout: 2}}\n")
             deadline = time.monotonic() + 40

@@ -11,10 +11,10 @@ import pathlib
 import shutil
 import socket
 import subprocess
-import textwrap
 import time
 
 import pytest
+from _ipmi_sim import ipmi_sim_args
 
 from lab.common.errors import AuthError, TransportError
 from lab.coordinator.power import PowerState
@@ -40,56 +40,12 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
         return s.getsockname()[1]
 
 
-CHASSIS = textwrap.dedent(
-    """\
-    #!/bin/sh
-    # ipmi_sim chassis_control: <mc> get|set <parm> [<value>]...; state in files beside this script
-    d=$(dirname "$0"); op=$2; shift 2
-    if [ "$op" = get ]; then
-      for p in "$@"; do case $p in
-        power) echo "power:$(cat "$d/power" 2>/dev/null || echo 0)";;
-        boot) echo "boot:$(cat "$d/boot" 2>/dev/null || echo default)";;
-      esac; done
-    elif [ "$op" = set ]; then
-      while [ $# -ge 2 ]; do case $1 in
-        power) echo "$2" > "$d/power";;
-        reset) echo "$2" >> "$d/resets";;
-        boot) echo "$2" > "$d/boot";;
-      esac; shift 2; done
-    else exit 1; fi
-    """
-)
-
-
 @pytest.fixture()
 def ipmi_sim(tmp_path: pathlib.Path):
     (sim,) = need("ipmi_sim")
     need("ipmitool")
     port = free_port()
-    chassis = tmp_path / "chassis.sh"
-    chassis.write_text(CHASSIS)
-    chassis.chmod(0o755)
-    (tmp_path / "lan.conf").write_text(textwrap.dedent(f"""\
-        name "labtest"
-        set_working_mc 0x20
-          startlan 1
-            addr 127.0.0.1 {port}
-            priv_limit admin
-            allowed_auths_callback none md2 md5 straight
-            allowed_auths_user none md2 md5 straight
-            allowed_auths_operator none md2 md5 straight
-            allowed_auths_admin none md2 md5 straight
-            guid a123456789abcdefa123456789abcdef
-          endlan
-          chassis_control "{chassis} 0x20"
-          user 1 true  ""      "test" user  10 none md2 md5 straight
-          user 2 true  "admin" "s3cret" admin 10 none md2 md5 straight
-        """))
-    (tmp_path / "sim.emu").write_text(
-        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n"
-        "sel_enable 0x20 1000 0x0a\nmc_enable 0x20\n")
-    proc = subprocess.Popen([sim, "-c", str(tmp_path / "lan.conf"), "-f", str(tmp_path / "sim.emu"),
-                             "-s", str(tmp_path / "state"), "-n"], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sim, *ipmi_sim_args(tmp_path, port, user_test=True)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
         ctl = IpmiPower("127.0.0.1", "admin", password="s3cret", port=port)

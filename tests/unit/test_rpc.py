@@ -913,6 +913,14 @@ def test_log_fields_cannot_forge_lines() -> None:
     assert rpc._fmt("plain") == "plain"
 
 
+def test_log_event_writes_one_line_on_the_given_logger(caplog: pytest.LogCaptureFixture) -> None:
+    other = logging.getLogger("lab.test-events")
+    caplog.set_level(logging.INFO, logger="lab.test-events")
+    rpc.log_event(other, logging.INFO, "thing.done", peer="a b", name=None, n=3)
+    rpc.log_event(other, logging.DEBUG, "thing.hidden", n=1)  # below the level: not formatted at all
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("lab.test-events", 'event=thing.done peer="a b" n=3')]
+
+
 @given(st.lists(st.binary(max_size=300), max_size=6), st.booleans())
 def test_random_bytes_only_raise_protocol_errors(server_id: rpc.Identity, client_id: rpc.Identity, chunks: list[bytes], after_handshake: bool) -> None:
     """Whatever arrives, in any state, a session raises RemoteProtocolError/AuthError or waits."""

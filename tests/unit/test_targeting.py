@@ -92,6 +92,55 @@ def test_port_and_class_alerts() -> None:
     assert db["storage_iops"] == "group:eu-west-storage"
 
 
+def test_label_items_are_what_labels_and_size_give_any_server() -> None:
+    f = spec_fleet()
+    items = f.label_items(("mailserver", "eu-west", "undefined-label"), None)
+    assert [(i.name, i.sources) for i in items.puppet_classes] == [
+        ("postfix", ("label:mailserver",)),
+        ("dovecot", ("label:mailserver",)),
+        ("spamassassin", ("label:mailserver",)),
+        ("fail2ban", ("label:mailserver",)),
+        ("base::ntp_eu", ("label:eu-west",)),
+    ]
+    assert [(i.name, i.detail) for i in items.secrets] == [
+        ("mail/tls-cert", "dynamic"), ("mail/dkim-key", "static"), ("mail/relay-credentials", "static"),
+    ]
+    assert items.label_alerts == (
+        ("smtp_connect", "label:mailserver"), ("imap_connect", "label:mailserver"), ("mail_queue_length", "label:mailserver"),
+    )
+    assert items.auto_alerts == (
+        ("cpu_threshold", "auto:size:medium"), ("memory_threshold", "auto:size:medium"),
+        ("smtp_check", "auto:port:25"), ("smtp_check", "auto:port:587"), ("imap_check", "auto:port:993"),
+        ("postfix_process", "auto:class:postfix"), ("dovecot_process", "auto:class:dovecot"),
+        ("cert_expiry", "auto:identity"), ("puppet_run_failed", "auto:enrollment"), ("agent_checkin_missed", "auto:enrollment"),
+    )
+    assert items.ports == (25, 587, 993)
+    assert (items.size, items.size_source) == ("medium", "label:mailserver")
+    recorded = f.label_items(("k8s-worker", "k8s-server"), "small")
+    assert (recorded.size, recorded.size_source) == ("small", "server")
+    assert [i.name for i in recorded.puppet_classes].count("containerd") == 1
+    assert next(i for i in recorded.puppet_classes if i.name == "containerd").sources == ("label:k8s-worker", "label:k8s-server")
+    assert next(i for i in recorded.secrets if i.name == "tls/node-cert").detail == "dynamic, per-machine"
+    bare = f.label_items((), None)
+    assert bare.puppet_classes == bare.secrets == bare.label_alerts == () and bare.ports == ()
+    assert bare.size is None and bare.size_source is None
+    assert [a for a, _src in bare.auto_alerts] == ["cert_expiry", "puppet_run_failed", "agent_checkin_missed"]
+
+
+def test_a_server_view_is_its_label_items_plus_the_alerts_that_target_it() -> None:
+    f = spec_fleet()
+    for name, s in f.servers.items():
+        view, items = f.server(name), f.label_items(s.labels, s.size)
+        assert (view.puppet_classes, view.secrets, view.ports) == (items.puppet_classes, items.secrets, items.ports)
+        assert (view.size, view.size_source) == (items.size, items.size_source)
+        pairs = {(i.name, src) for i in view.alerts for src in i.sources}
+        from_labels = set(items.label_alerts) | set(items.auto_alerts)
+        targeted = {a for a in f.definitions.alerts if name in f.alert_servers(a)[0]}
+        assert from_labels <= pairs
+        assert {(a, src) for a, src in pairs if a not in targeted} == {(a, src) for a, src in from_labels if a not in targeted}
+        assert {a for a, _src in pairs} == {a for a, _src in from_labels} | targeted
+
+
 def test_reverse_queries() -> None:
     f = spec_fleet()
     assert f.label_servers("k8s-worker") == ["batch-worker-1", "legacy-node-3", "test-box-1", "worker-5"]
