@@ -163,9 +163,16 @@ def collect_rules(fleet: Fleet, extras: _Extras | None = None) -> tuple[list[Rul
                     continue
             keyed[item].append(server)
     unknown: dict[str, list[str]] = defaultdict(list)
+    by_key = {(r.alert, r.source): i for i, r in enumerate(rules)}
     for (name, src), servers in sorted(keyed.items()):
         if name in d.alerts:
             a = d.alerts[name]
+            if (name, src) in by_key:
+                # `target: {labels: [x]}` with an exclude, and label x naming the alert too: the same
+                # (alert, source) — one rule over both server sets, never two rules with one identity
+                i = by_key[(name, src)]
+                rules[i] = dataclasses.replace(rules[i], servers=tuple(sorted({*rules[i].servers, *servers})))
+                continue
             rules.append(Rule(name, src, parse_alert(a), a.severity, a.for_seconds, a.description, tuple(sorted(servers)),
                               str(a.location) if a.location else None))
             continue

@@ -277,3 +277,22 @@ def test_cli_show_alert_says_where_it_is_rendered(home: pathlib.Path, capsys) ->
     view = json.loads(capsys.readouterr().out)
     assert view["rendered_to"]["prometheus"] == ["rules/prod.yaml"]
     assert "status" not in view["servers"][0]  # no health source configured: no values
+
+
+def test_a_label_naming_an_alert_it_also_targets_with_an_exclusion_gives_one_rule() -> None:
+    """Found by the promtool property test: `target: {labels: [x]}` + an exclude, and label x
+    naming the same alert, used to give two rules with one (alert, lab_source) identity."""
+    text = textwrap.dedent("""\
+        labels:
+          x: {alerts: [a0]}
+        alerts:
+          - name: a0
+            target: {labels: [x], exclude: {servers: [s2]}}
+            condition: "up == 0"
+        """)
+    defs = load_texts([("defs.yaml", text)])
+    fleet = Fleet(defs, [Server("s1", "aws", ("x",), "prod", None), Server("s2", "aws", ("x",), "prod", None)])
+    rules, _ = collect_rules(fleet)
+    keys = [(r.alert, r.source) for r in rules if r.alert == "a0"]
+    assert keys == [("a0", "label:x")]
+    assert [r.servers for r in rules if r.alert == "a0"] == [("s1", "s2")]
