@@ -144,6 +144,7 @@ class Agent:
         self.info: dict[str, Any] = {}
         self.service = AgentService(cache, IdResolver(), self.status_view, on_reload=self.redeliver)
         self.sync_control: dict[str, Any] = {}  # [identity] the store session's cancel scope (agent/sync.py)
+        self.coordinator_role: Any = None  # [migrate] lab.coordinator.migrate.CoordinatorRole, set by run_agent
         self.wiped = False
 
     def status_view(self) -> dict[str, Any]:
@@ -275,6 +276,10 @@ async def _run_locked(config: AgentConfig, started: float, dumps: Any, task_stat
             await nursery.start(sync_loop, agent)
             from lab.agent.sync import checkin_loop  # [identity] renewals and revocation via the coordinator
 
+            from lab.coordinator.migrate import CoordinatorRole  # [migrate] the lab-server role, when this node hosts it
+
+            agent.coordinator_role = CoordinatorRole(config.home)
+            await nursery.start(agent.coordinator_role.run)
             await nursery.start(checkin_loop, agent)
             interval = watchdog_interval()
             if interval:

@@ -368,8 +368,9 @@ def accept_renewed(raw: Any, identity: rpc.Identity, now: float) -> Any:
     return cert
 
 
-async def checkin_once(home: Path, coordinator: str) -> Any:
-    """One ``checkin``; returns a renewed certificate (already written to ``node.cert``) or None."""
+async def checkin_once(home: Path, coordinator: str, reply_out: dict[str, Any] | None = None) -> Any:
+    """One ``checkin``; returns a renewed certificate (already written to ``node.cert``) or None.
+    [migrate] ``reply_out`` (if given) receives the whole reply."""
     import os
 
     from lab.common.identity import write_private_file
@@ -380,6 +381,8 @@ async def checkin_once(home: Path, coordinator: str) -> Any:
         if "coordinator" not in conn.peer.roles:
             raise AuthError(f"{coordinator} answered as {conn.peer.name!r}, which is not the coordinator")
         reply = await conn.call("checkin", {}, timeout=30)
+    if reply_out is not None:
+        reply_out.update(reply)
     if reply.get("certificate") is None:
         return None
     cert = accept_renewed(reply["certificate"], identity, time.time())
@@ -405,9 +408,17 @@ async def checkin_loop(agent: Any, *, interval: float | None = None, task_status
     every = interval if interval is not None else checkin_interval()
     while True:
         renewed = None
+        reply: dict[str, Any] = {}
         try:
-            renewed = await checkin_once(Path(home), coordinator)
+            renewed = await checkin_once(Path(home), coordinator, reply)
             agent.sync_status["coordinator"] = "ok"
+            # [migrate] stores, the coordinator's move (redirect), the migrate instruction for this node
+            from lab.coordinator.migrate import on_checkin_reply
+
+            moved = await on_checkin_reply(agent, Path(home), coordinator, reply)
+            if moved is not None:
+                coordinator = moved
+                agent.sync_status["coordinator_endpoint"] = moved
         except AuthError as exc:
             if "revoked" in str(exc):
                 _event(logging.WARNING, "checkin.revoked", coordinator=coordinator, reason=str(exc)[:200])

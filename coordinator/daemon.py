@@ -89,6 +89,11 @@ class Coordinator:
         method = req.method
         if method == "checkin":
             return await self.enrollment.checkin(peer, req)
+        migration = getattr(self, "migration", None)  # [migrate] lab.coordinator.migrate.MigrationService
+        if migration is not None:
+            if method.startswith("migrate."):
+                return await migration.handle(peer, method, req.body)
+            migration.check_writable(method)  # frozen while the state moves to another node
         if method.startswith("engine."):
             name = method[len("engine."):]
             if name not in ENGINE_READ and name not in ENGINE_WRITE:
@@ -148,6 +153,9 @@ async def serve(
 ) -> None:
     """Run the coordinator API until cancelled; ``started(port)`` once it listens."""
     host, port = parse_endpoint(listen)
+    from lab.coordinator.migrate import check_not_moved  # [migrate] a coordinator that moved away stays stopped
+
+    check_not_moved(paths.home)
     ensure_cluster_identity(paths.home)
     ca = CertificateAuthority.load(paths.home / "ca.key")
     from lab.coordinator.identity_ops import ENDPOINT_FILE, RevocationBook  # [identity] the daemon refuses revoked nodes
@@ -195,6 +203,8 @@ async def _serve_rpc(
         return await holder["c"].handle(peer, req)
 
     async def enroll(peer: rpc.EnrollingPeer, req: wire.Request) -> dict[str, Any]:
+        if getattr(holder["c"], "migration", None) is not None:  # [migrate] no enrollment while the state moves
+            holder["c"].migration.check_writable("enroll")
         return await holder["c"].enrollment.enroll(peer, req)
 
     async with trio.open_nursery() as nursery:
@@ -218,6 +228,13 @@ async def _serve_rpc(
             holder["c"].identity_ops = ops
             service.identity_ops = ops
             service.on_issued = lambda cert: keep_issued(engine.paths.home, cert)
+        from lab.coordinator.migrate import MigrationService  # [migrate] issue 6: `lab server migrate`
+
+        me = trio.lowlevel.current_task()  # once started, a child of serve()'s nursery: stopping that stops PXE too
+        migration = MigrationService(engine, ca, endpoint, stop=lambda: me.parent_nursery.cancel_scope.cancel(),
+                                     spawn=nursery.start_soon, clock=clock)
+        holder["c"].migration = migration
+        service.migration = migration
         task_status.started(actual)
 
 
@@ -225,7 +242,12 @@ async def run(paths: Paths, listen: str = DEFAULT_LISTEN, advertise: str | None 
     """`lab server run`: serve until SIGTERM/SIGINT, then shut down cleanly."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: serve(paths, listen, advertise=advertise, task_status=task_status))
+            async def serve_then_stop(task_status: trio.TaskStatus[int]) -> None:
+                await serve(paths, listen, advertise=advertise, task_status=task_status)
+                log_event(logging.INFO, "daemon.stopping", reason="moved")  # [migrate] serve returns after a move
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve_then_stop)
             async for signum in signals:
                 log_event(logging.INFO, "daemon.stopping", signal=signal.Signals(signum).name)
                 sd_notify("STOPPING=1")

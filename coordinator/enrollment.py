@@ -228,6 +228,7 @@ class EnrollmentService:
 
     identity_ops: Any = None  # [identity] lab.coordinator.identity_ops.IdentityService (set by the daemon)
     on_issued: Any = None  # [identity] called with each certificate issued (kept in certs/NAME.cert)
+    migration: Any = None  # [migrate] lab.coordinator.migrate.MigrationService (set by the daemon)
 
     def __init__(
         self,
@@ -393,4 +394,6 @@ class EnrollmentService:
                 log_event(logging.WARNING, "checkin.dns_failed", name=name, reason=str(exc))
         if self.identity_ops is not None:  # [identity] publish the old serial's revocation after a renewal
             await self.identity_ops.after_checkin()
+        if self.migration is not None:  # [migrate] the migrate instruction for the target; the redirect after a move
+            extra = {**extra, **self.migration.on_checkin(name)}
         return {"labels": list(server.labels), "stores": self.store_endpoints(), "coordinator": self.endpoint, **extra}

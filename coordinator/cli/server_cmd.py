@@ -84,3 +84,54 @@ def server_disconnect() -> None:
         return
     _write_settings(paths.home, settings)
     print("✓ lab runs the engine locally again")
+
+
+@server_app.command("migrate")
+def server_migrate(
+    to: Annotated[str, typer.Option("--to", help="The enrolled node that becomes the coordinator (its agent pulls the state).")],
+    listen: Annotated[str, typer.Option(
+        "--listen", help="HOST:PORT the new coordinator listens on (0.0.0.0: reachable at the node's address).")] = "0.0.0.0:7443",
+    serve: Annotated[str, typer.Option("--serve", help=(
+        "Local mode with no daemon running: HOST:PORT to serve this home's coordinator on while the move runs "
+        "(where the agents check in)."))] = DEFAULT_LISTEN,
+    grace: Annotated[float, typer.Option("--grace", help=(
+        "Seconds the old coordinator keeps redirecting agents before it stops (sooner once all were redirected)."))] = 120.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for NODE to take the state.")] = 180.0,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Move the coordinator to NODE: plan, copy the state over NODE's Noise session, start it
+    there, verify it, switch this CLI to it, stop the old one. Agents follow without re-enrolling."""
+    import sys
+
+    import trio
+
+    from lab.common.errors import UsageError
+    from lab.coordinator import migrate
+    from lab.coordinator.identity_ops import confirm_decision
+
+    parse_endpoint(listen)
+    parse_endpoint(serve)
+    if grace < 0 or timeout <= 0:
+        raise UsageError("--grace must be 0 or more and --timeout more than 0")
+    paths = Paths.resolve()
+
+    def confirm() -> bool:
+        decision = confirm_decision(yes, sys.stdin.isatty())
+        if decision == "refuse":
+            raise UsageError("moving the coordinator needs confirmation: no terminal to ask on, pass --yes (nothing changed)")
+        return decision == "go" or typer.confirm(f"Move the coordinator to {to}?", default=False)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        result = trio.run(lambda: migrate.run_migration(paths, to, listen, serve_at=serve, grace=grace, timeout=timeout,
+                                                         confirm=confirm, say=say))
+    except BaseExceptionGroup as group:  # one line, not a traceback
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, LabError):
+            raise exc from None
+        raise
+    print(f"✓ the coordinator now runs on {result['to']}: lab talks to {result['endpoint']}")
