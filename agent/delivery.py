@@ -44,6 +44,7 @@ import trio
 from lab.agent.cache import CacheRecord, Freshness, SecretCache, check_path
 from lab.common import wire
 from lab.common.errors import RemoteProtocolError, StoreError
+from lab.common.fsutil import atomic_write
 
 __all__ = [
     "AgentService", "FileDelivery", "FrameBuffer", "IdResolver", "Peer", "REQUESTS", "encode_frame", "env_name",
@@ -329,11 +330,7 @@ class FileDelivery:
         return out
 
     def _write_manifest(self, paths: Iterable[str]) -> None:
-        tmp = self.root / f".{MANIFEST}.{_random.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(p + "\n" for p in sorted(paths)))
-        os.replace(tmp, self.root / MANIFEST)
+        atomic_write(self.root / MANIFEST, "".join(p + "\n" for p in sorted(paths)).encode("utf-8"), mode=0o600)
 
     def sync(self, records: Iterable[CacheRecord]) -> tuple[int, int]:
         """Write every record; remove files we wrote earlier whose secret is gone. (written, removed)."""

@@ -63,9 +63,8 @@ MAX_FACTS: Final = 1024 * 1024
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
-    """One structured line: ``event=… key=value …`` (values sanitised; never pass secrets)."""
-    if log.isEnabledFor(level):
-        log.log(level, "event=%s %s", event, " ".join(f"{k}={rpc._fmt(v)}" for k, v in fields.items() if v is not None))
+    """One structured line on ``lab.enroll`` through :func:`rpc.log_event` (never pass secrets)."""
+    rpc.log_event(log, level, event, **fields)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lab.common.config import Definitions
 from lab.common.errors import ConfigError, LabError, UsageError
+from lab.common.fsutil import atomic_write
 
 STATUSES = ("ok", "drift", "unknown")
 PLAN_VERSION = 1
@@ -512,16 +511,7 @@ def save_plan(home: pathlib.Path, plan: Mapping[str, Any]) -> pathlib.Path:
     """Write the plan atomically (temp file in the same directory, fsync, rename)."""
     path = plan_path(home, plan["server"])
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{plan['server']}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(plan, indent=2, sort_keys=True).encode(), mode=0o600)
     return path
 
 

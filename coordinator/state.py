@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.common.errors import NotFound, StateError, UsageError
+from lab.common.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -311,14 +312,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path, timeout: float) -> Iterator[bool]:
     """Hold an exclusive flock on ``path``; yields False if it could not be had in time."""
@@ -488,7 +481,7 @@ def _move_aside(path: Path, stamp: str) -> list[Path]:
         if os.path.lexists(src):
             os.replace(src, base + s)
             moved.append(Path(base + s))
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return moved
 
 
@@ -504,7 +497,7 @@ def _install(snapshot: Path, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,7 +741,7 @@ class StateDB:
                 raise StateError(f"{final}: the new snapshot failed quick_check; state.db may be damaged")
             _fsync_file(tmp)
             os.replace(tmp, final)
-            _fsync_dir(snapdir)
+            fsync_dir(snapdir)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()

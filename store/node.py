@@ -247,8 +247,7 @@ def _now_ms() -> int:
 
 
 def _log(level: int, event: str, **fields: object) -> None:
-    if log.isEnabledFor(level):
-        log.log(level, "event=%s %s", event, " ".join(f"{k}={rpc._fmt(v)}" for k, v in fields.items() if v is not None))
+    rpc.log_event(log, level, event, **fields)
 
 
 class _Changes:

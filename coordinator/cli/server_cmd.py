@@ -24,6 +24,15 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return parse(text, 7443)
 
 
+def _raise_lab_error(group: BaseExceptionGroup[BaseException]) -> None:
+    """Raise the LabError that ``group`` holds alone (through nested one-member groups), by itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, LabError):
+        raise exc from None
+
+
 @server_app.command("run")
 def server_run(
     listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to serve the API on.")] = DEFAULT_LISTEN,
@@ -45,11 +54,7 @@ def server_run(
     try:
         trio.run(daemon.run, Paths.resolve(definitions), listen, advertise)
     except BaseExceptionGroup as group:  # a start-up LabError is one line, not a traceback
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if isinstance(exc, LabError):
-            raise exc from None
+        _raise_lab_error(group)
         raise
 
 
@@ -128,10 +133,6 @@ def server_migrate(
         result = trio.run(lambda: migrate.run_migration(paths, to, listen, serve_at=serve, grace=grace, timeout=timeout,
                                                          confirm=confirm, say=say))
     except BaseExceptionGroup as group:  # one line, not a traceback
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if isinstance(exc, LabError):
-            raise exc from None
+        _raise_lab_error(group)
         raise
     print(f"✓ the coordinator now runs on {result['to']}: lab talks to {result['endpoint']}")

@@ -32,11 +32,11 @@ from typing import Any
 
 import dns.name
 
-from lab.common.config._yaml import LMap, LSeq, load_file
+from lab.common.config._settings import load_section
+from lab.common.config._yaml import LMap, LSeq
 from lab.common.errors import ConfigError
 from lab.coordinator.dns._names import reverse_zone, zone_name
 
-SETTINGS_FILE = "config.yaml"  # the same file lab.coordinator.engine reads
 DEFAULT_PORT = 53
 DEFAULT_TTL = 300
 DEFAULT_TIMEOUT = 5.0
@@ -94,17 +94,10 @@ class DnsConfig:
 
 def load_dns_config(home: str | os.PathLike[str]) -> DnsConfig | None:
     """Read ``dns:`` from ``<home>/config.yaml``; None when the file or the section is absent."""
-    path = pathlib.Path(home).expanduser() / SETTINGS_FILE
-    if not path.exists():
+    found = load_section(home, "dns")
+    if found is None or found[0] is None:  # an empty ``dns:`` is no DNS
         return None
-    data = load_file(path)
-    if data is None:
-        return None
-    if not isinstance(data, LMap):
-        raise ConfigError("lab settings must be a mapping", str(path), getattr(data, "line", None))
-    if data.get("dns") is None:
-        return None
-    return parse_dns_config(data["dns"], str(path), data.line_of("dns"))
+    return parse_dns_config(*found)
 
 
 def parse_dns_config(section: Any, source: str = "<config>", line: int | None = None) -> DnsConfig:

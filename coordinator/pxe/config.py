@@ -28,13 +28,13 @@ import pathlib
 import re
 from typing import Any
 
-from lab.common.config._yaml import LMap, load_file
+from lab.common.config._settings import load_section
+from lab.common.config._yaml import LMap
 from lab.common.errors import ConfigError, UsageError
 from lab.coordinator.pxe.service import DEFAULT_HTTP_PORT, DEFAULT_PROXY_PORT, ServeOptions, interface_ipv4, parse_pool
 
 __all__ = ["PxeConfig", "load_pxe_config", "parse_pxe_config"]
 
-SETTINGS_FILE = "config.yaml"  # the same file lab.coordinator.engine reads
 EFI_FILES = ("ipxe.efi", "snponly.efi")
 _KEYS = frozenset({"interface", "address", "pool", "netmask", "router", "boot_dir", "efi_file", "images_dir", "ports"})
 _PORTS = {"dhcp": 67, "dhcp_client": 68, "tftp": 69, "http": DEFAULT_HTTP_PORT, "proxy": DEFAULT_PROXY_PORT}
@@ -83,17 +83,8 @@ class PxeConfig:
 
 def load_pxe_config(home: str | os.PathLike[str]) -> PxeConfig | None:
     """Read ``pxe:`` from ``<home>/config.yaml``; None when the file or the section is absent."""
-    path = pathlib.Path(home).expanduser() / SETTINGS_FILE
-    if not path.exists():
-        return None
-    data = load_file(path)
-    if data is None:
-        return None
-    if not isinstance(data, LMap):
-        raise ConfigError("lab settings must be a mapping", str(path), getattr(data, "line", None))
-    if "pxe" not in data:
-        return None
-    return parse_pxe_config(data["pxe"], str(path), data.line_of("pxe"))
+    found = load_section(home, "pxe")
+    return None if found is None else parse_pxe_config(*found)
 
 
 def parse_pxe_config(section: Any, source: str = "<config>", line: int | None = None) -> PxeConfig:

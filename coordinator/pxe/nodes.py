@@ -3,13 +3,12 @@ read into an ``Allowlist`` by the boot services. Written atomically (temp file, 
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import yaml
 
 from lab.common.errors import ConfigError
+from lab.common.fsutil import atomic_write
 from lab.coordinator.pxe.registry import Allowlist, OnboardingNode, mac_for_url
 
 _FIELDS = ("mac", "hostname", "image", "expires_at", "labels", "token", "disk_gb", "size", "coordinator", "domain")
@@ -20,17 +19,7 @@ def write_node(folder: pathlib.Path, node: OnboardingNode) -> pathlib.Path:
     data = {f: getattr(node, f) for f in _FIELDS}
     data["labels"] = list(node.labels)
     path = folder / f"{mac_for_url(node.mac)}.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".node.", dir=folder)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False).encode(), mode=0o600)
     return path
 
 
