@@ -77,6 +77,19 @@ class RemoteEngine:
         self._warnings.extend(str(w) for w in reply.get("warnings") or [])
         return reply.get("result")
 
+    def _with_store(self, name: str, body: dict[str, Any], what: str) -> Any:
+        """[secrets] ``engine.NAME`` completed with what the stores say (LAST ROTATED, SET BY), read
+        here with this home's admin identity: the daemon never blocks on a store
+        (coordinator/cli/secret_cmd.py ``connected_secrets``)."""
+        from lab.coordinator.cli.secret_cmd import connected_secrets
+
+        reply = trio.run(self._acall, f"engine.{name}", body)
+        warnings = [str(w) for w in reply.get("warnings") or []]
+        try:
+            return connected_secrets(self, what, reply.get("result"), warnings)
+        finally:
+            self._warnings.extend(warnings)
+
     # -- the Engine's surface ---------------------------------------------------------------------
 
     @staticmethod
@@ -96,7 +109,7 @@ class RemoteEngine:
         return self.call("get_alerts", self._filter(flt))  # type: ignore[no-any-return]
 
     def get_secrets(self, flt: ServerFilter = ServerFilter()) -> list[dict[str, Any]]:
-        return self.call("get_secrets", self._filter(flt))  # type: ignore[no-any-return]
+        return self._with_store("get_secrets", self._filter(flt), "rows")  # type: ignore[no-any-return]
 
     def show_server(self, name: str) -> dict[str, Any]:
         return self.call("show_server", {"name": name})  # type: ignore[no-any-return]
@@ -111,7 +124,7 @@ class RemoteEngine:
         return self.call("show_alert", {"name": name})  # type: ignore[no-any-return]
 
     def show_secret(self, path: str) -> dict[str, Any]:
-        return self.call("show_secret", {"name": path})  # type: ignore[no-any-return]
+        return self._with_store("show_secret", {"name": path}, "view")  # type: ignore[no-any-return]
 
     def targets_server(self, name: str) -> dict[str, Any]:
         return self.call("targets_server", {"name": name})  # type: ignore[no-any-return]
@@ -138,7 +151,8 @@ class RemoteEngine:
         return RemoteLifecycle(self)
 
     def call_method(self, method: str, body: dict[str, Any]) -> Any:
-        """One daemon method outside ``engine.*`` that answers ``{"result", "warnings"}``."""
+        """One daemon method outside ``engine.*`` that answers ``{"result", "warnings"}``
+        (``lifecycle.*``, and ``secrets.*`` for `lab secret …`: coordinator/secrets_api.py)."""
         reply = trio.run(self._acall, method, body)
         self._warnings.extend(str(w) for w in reply.get("warnings") or [])
         return reply.get("result")

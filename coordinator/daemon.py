@@ -8,7 +8,9 @@ One root nursery; :func:`serve` follows the ``task_status`` convention. Methods:
   :class:`~lab.coordinator.engine.Engine` in :data:`ENGINE_READ` and the inventory writes in
   :data:`ENGINE_WRITE`, nothing else. Replies ``{"result": …, "warnings": [...]}``;
 * ``lifecycle.diff|plan|apply|sync`` — ``admin`` role too: `lab diff|plan|apply|sync server` on the
-  daemon's engine and home (coordinator/lifecycle_api.py).
+  daemon's engine and home (coordinator/lifecycle_api.py);
+* ``secrets.*`` — ``admin`` role too: definitions, consumers, audit and store list for `lab secret …`
+  in a connected home (coordinator/secrets_api.py; values go from the CLI to a store, never here).
 
 State is SQLite used from the trio thread: each call is short, and the daemon serialises them.
 """
@@ -115,6 +117,10 @@ class Coordinator:
             from lab.coordinator.lifecycle_api import LifecycleService
 
             return await LifecycleService(self.engine).handle(peer, method, req.body)
+        if method.startswith("secrets."):  # [secrets] `lab secret …` from a connected home; admin only, checked there
+            from lab.coordinator.secrets_api import handle as secrets_handle
+
+            return await secrets_handle(self, peer, method, req.body)
         raise NotFound(f"no method {method!r}")
 
     def _engine_call(self, peer: rpc.PeerInfo, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,11 @@ hidden prompt on a terminal, standard input otherwise (taken byte for byte; use 
 
 Puppet modules for ``lab::secret`` scanning: ``--modules``, else ``$LAB_PUPPET_MODULES``, else
 ``<definitions>/modules`` when that directory exists.
+
+In a connected home (`lab server connect`, or a laptop after `lab server migrate`) the engine is a
+:class:`~lab.coordinator.client.RemoteEngine`: definitions, consumers, the audit and the store list
+come from the daemon's admin-only ``secrets.*`` methods (coordinator/secrets_api.py), and values go
+straight to a store over Noise with this home's admin identity, as with config.yaml ``stores:``.
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ import os
 import pathlib
 import sys
 import time
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, Final, TextIO
 
 import typer
 
 from lab.common.config import parse_duration
-from lab.common.errors import NotFound, StoreError, UsageError
+from lab.common.errors import LabError, NotFound, StoreError, UsageError
 from lab.coordinator.cli.app import Definitions, Output, _engine, _format, app, subcommand
 from lab.common.render import emit
 from lab.coordinator.policy import audit as audit_policy
@@ -86,6 +91,76 @@ def _cluster_stores(home: pathlib.Path) -> list[str]:
     return configured_stores(home)
 
 
+# ---------------------------------------------------------------------------------------------
+# A connected home: what the local engine would answer comes from the daemon (`secrets.*`)
+
+
+def _remote(engine: Any) -> bool:
+    """True for a RemoteEngine (config.yaml ``server:``)."""
+    from lab.coordinator.engine import Engine
+
+    if isinstance(engine, Engine):
+        return False  # local mode need not import the RPC client
+    from lab.coordinator.client import RemoteEngine
+
+    return isinstance(engine, RemoteEngine)
+
+
+def merge_stores(configured: list[str], daemon: Any) -> list[str]:
+    """This home's ``stores:`` first, then those the daemon knows (its ``stores:`` and the
+    enrolled secret-store nodes), each once."""
+    if not isinstance(daemon, list) or not all(isinstance(s, str) for s in daemon):
+        from lab.common.errors import RemoteProtocolError
+
+        raise RemoteProtocolError("malformed store list from the coordinator")
+    return list(dict.fromkeys([*configured, *daemon]))
+
+
+def _secrets_call(engine: Any, name: str, body: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``secrets.NAME`` on the daemon: (its result, the stores to use)."""
+    result = engine.call_method(f"secrets.{name}", body or {})
+    if not isinstance(result, dict):
+        from lab.common.errors import RemoteProtocolError
+
+        raise RemoteProtocolError(f"malformed secrets.{name} reply from the coordinator")
+    return result, merge_stores(_cluster_stores(engine.paths.home), result.get("stores"))
+
+
+def _need_stores(engine: Any, stores: list[str]) -> list[str]:
+    """A connected home has no store of its own: no store known is an error, not local mode."""
+    if not stores:
+        raise StoreError(f"the coordinator at {engine.host}:{engine.port} knows no secret store (no enrolled "
+                         "secret-store node, no config.yaml `stores:`); nothing was done")
+    return stores
+
+
+def _stores_for(engine: Any) -> list[str]:
+    """Where `lab secret rm|backup|recover` go: config.yaml ``stores:`` (empty: the local store);
+    in a connected home, those and the daemon's (never empty)."""
+    if not _remote(engine):
+        return _cluster_stores(engine.paths.home)
+    return _need_stores(engine, _secrets_call(engine, "stores")[1])
+
+
+def _definition(engine: Any, path: str) -> tuple[Any, list[tuple[str, list[str]]], list[str]]:
+    """(the definition of ``path`` or None, [(label, its servers)] granting it, the stores)."""
+    if _remote(engine):
+        from lab.common.errors import RemoteProtocolError
+        from lab.coordinator.secrets_api import secret_from_wire
+
+        r, stores = _secrets_call(engine, "definition", {"path": path})
+        raw = r.get("definition")
+        defined = secret_from_wire(raw) if raw is not None else None
+        consumers = r.get("consumers")
+        if not isinstance(consumers, list) or not all(
+                isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], list) for c in consumers):
+            raise RemoteProtocolError("malformed consumers from the coordinator")
+        return defined, [(label, [str(n) for n in names]) for label, names in consumers], _need_stores(engine, stores)
+    defined = engine.definitions.secrets.get(path)
+    consumers = engine.fleet().secret_consumers(path) if defined is not None else []
+    return defined, consumers, _cluster_stores(engine.paths.home)
+
+
 @secret_app.command("set")
 def secret_set(
     path: str,
@@ -101,18 +176,16 @@ def secret_set(
     if path.startswith("_lab/") or "@" in path:
         raise UsageError("system and per-machine paths cannot be set directly (use --node NODE for per-machine values)")
     with _engine(definitions) as engine:
-        d = engine.definitions
-        defined = d.secrets.get(path)
+        defined, consumers, stores = _definition(engine, path)  # a connected home: the daemon's
         if defined is not None and defined.per_machine and node is None:
             raise UsageError(f"{path} is per-machine: give --node NODE")
-        consumers = engine.fleet().secret_consumers(path) if defined is not None else []
         value = _read_value()
         meta = _meta_for(defined, type_, parse_duration(ttl) if ttl else None)
         stored = machine_path(path, node) if node else path
-        # [cluster] config.yaml `stores:` (a local cluster, docs/CLUSTER.md): write over the store RPC
-        from lab.coordinator.cluster import configured_stores, remote_set
+        # [cluster] config.yaml `stores:` (a local cluster, docs/CLUSTER.md) or a connected home:
+        # write over the store RPC (the value travels only inside the Noise session to the store)
+        from lab.coordinator.cluster import remote_set
 
-        stores = configured_stores(engine.paths.home)
         if stores:
             version = remote_set(engine.paths.home, stores, path, value, meta, node)
         else:
@@ -153,19 +226,18 @@ def secret_rotate(
 ) -> None:
     """Replace a generated secret with a fresh value (every node's, for a per-machine secret)."""
     with _engine(definitions) as engine:
-        defined = engine.definitions.secrets.get(path)
+        defined, consumers, stores = _definition(engine, path)  # a connected home: the daemon's
         if defined is None:
             raise NotFound(f"no secret named '{path}'")
         gen = generator or defined.generator
         if gen is None:
             raise UsageError(f"{path} is static: set it with `lab secret set` (or give --generator)")
         if defined.per_machine:
-            nodes = [node] if node else sorted({n for _, names in engine.fleet().secret_consumers(path) for n in names})
+            nodes = [node] if node else sorted({n for _, names in consumers for n in names})
             targets = [machine_path(path, n) for n in nodes]
         else:
             targets = [path]
         values = [generate(gen, length) for _ in targets]  # refuse unknown generators before writing
-        stores = _cluster_stores(engine.paths.home)
         if stores:  # [cluster] to the cluster's stores, as `secret set` does
             from lab.coordinator.cluster import remote_set
 
@@ -185,7 +257,7 @@ def secret_rm(path: str, node: Annotated[str | None, typer.Option("--node", help
     """Delete a secret's value (a tombstone that replicates to every store)."""
     stored = machine_path(path, node) if node else check_path(path)
     with _engine(definitions) as engine:
-        stores = _cluster_stores(engine.paths.home)
+        stores = _stores_for(engine)
         if stores:  # [cluster] a tombstone written at the first reachable store; gossip carries it
             from lab.coordinator.cluster import store_call
 
@@ -206,17 +278,23 @@ def secret_audit(definitions: Definitions = None, modules: Modules = None, outpu
     """Secrets defined but referenced by nothing, referenced but never set, and the like."""
     fmt = _format(output)
     with _engine(definitions) as engine:
-        compiled = compile_policy(engine.definitions, engine.state.list_servers(), _modules(modules, engine.paths.definitions))
         stored: dict[str, bool] = {}
-        stores = _cluster_stores(engine.paths.home)
-        if stores:  # [cluster] which paths are set, from the first store that answers (store.meta: no values)
-            stored = {p: True for p in _remote_meta(engine.paths.home, stores)}
-        elif (_store_dir(engine.paths.home) / "data.mdb").exists():
-            with _open_store(engine.paths.home, create=False) as ds:
-                stored = {r.path: True for r in ds.records()}
-        findings = audit_policy(engine.definitions, compiled, stored)
-    result = {"findings": [{"level": f.level, "kind": f.kind, "path": f.path, "message": f.message} for f in findings],
-              "warnings": compiled.warnings}
+        if _remote(engine):  # a connected home: store.meta read here, the definitions' side from the daemon
+            if modules:
+                raise UsageError("--modules names a directory here, but a connected home audits with the coordinator's "
+                                 "Puppet modules ($LAB_PUPPET_MODULES or <definitions>/modules there)")
+            stores = _stores_for(engine)
+            stored = dict.fromkeys(_remote_meta(engine.paths.home, stores), True)
+            r, _stores = _secrets_call(engine, "audit", {"stored": sorted(stored)})
+            result = {"findings": r.get("findings") or [], "warnings": r.get("warnings") or []}
+        else:
+            stores = _cluster_stores(engine.paths.home)
+            if stores:  # [cluster] which paths are set, from the first store that answers (store.meta: no values)
+                stored = {p: True for p in _remote_meta(engine.paths.home, stores)}
+            elif (_store_dir(engine.paths.home) / "data.mdb").exists():
+                with _open_store(engine.paths.home, create=False) as ds:
+                    stored = {r.path: True for r in ds.records()}
+            result = audit_result(engine, stored, modules)
 
     def human(r: dict[str, Any], out: TextIO) -> None:
         for f in r["findings"]:
@@ -225,6 +303,16 @@ def secret_audit(definitions: Definitions = None, modules: Modules = None, outpu
             out.write(f"  ⚠ {w}\n")
 
     emit(result, fmt, human)
+
+
+def audit_result(engine: Any, stored: dict[str, bool], modules: str | None = None) -> dict[str, Any]:
+    """`lab secret audit` as data for ``stored`` (path → has a live value): the engine's
+    definitions and inventory, Puppet modules as for :func:`_modules`. Also the daemon's
+    ``secrets.audit``."""
+    compiled = compile_policy(engine.definitions, engine.state.list_servers(), _modules(modules, engine.paths.definitions))
+    findings = audit_policy(engine.definitions, compiled, stored)
+    return {"findings": [{"level": f.level, "kind": f.kind, "path": f.path, "message": f.message} for f in findings],
+            "warnings": list(compiled.warnings)}
 
 
 @secret_app.command("backup")
@@ -238,7 +326,7 @@ def secret_backup(
     if not recipient:
         raise UsageError("give at least one --recipient age1...")
     with _engine(definitions) as engine:
-        stores = _cluster_stores(engine.paths.home)
+        stores = _stores_for(engine)
         if stores:  # [cluster] a store encrypts the values to the recipients; the files are written here
             from lab.coordinator.cluster import remote_backup
 
@@ -260,13 +348,14 @@ def secret_recover(
     """Restore the store from a backup: the cluster's stores (config.yaml `stores:`), else the
     local store (refuses to overwrite an existing one)."""
     with _engine(definitions) as engine:
-        stores = _cluster_stores(engine.paths.home)
+        stores = _stores_for(engine)
         if stores:  # [cluster] decrypted here, written back to the stores over the store RPC (admin)
             from lab.coordinator.cluster import remote_restore
             from lab.coordinator.lifecycle import republish
 
             r = remote_restore(engine.paths.home, stores, from_, identity, force=force)
-            line = republish(engine.paths.home)  # the current inventory's policy, newer than the backup's
+            # the current inventory's policy, newer than the backup's (a connected home: the daemon publishes it)
+            line = _remote_republish(engine) if _remote(engine) else republish(engine.paths.home)
             print(f"  ✓ Recovered {r['restored']} secrets into the cluster through {r['store']}"
                   + "".join(f"; {what} published to {len(eps)} store(s)" for what, eps in r["published"].items()))
             if line:
@@ -278,6 +367,19 @@ def secret_recover(
         with backup_mod.recover(from_, identity, d, LOCAL_NODE) as ds:
             n = len(list(ds.records()))
     print(f"  ✓ Recovered {n} records into {d}")
+
+
+def _remote_republish(engine: Any) -> str | None:
+    """`lab secret recover` in a connected home: the daemon compiles, signs and publishes the
+    policy (``secrets.publish``); the line :func:`lab.coordinator.lifecycle.republish` would print."""
+    try:
+        r, _stores = _secrets_call(engine, "publish")
+    except LabError as exc:
+        return f"! policy not republished: {exc} (run `lab cluster publish` once the stores answer)"
+    if r.get("version") is None:
+        return None
+    missed = "".join(f"; ! {ep} unreachable (gossip catches it up)" for ep in r.get("unreachable") or ())
+    return f"→ policy version {r['version']} published to {len(r.get('published') or ())} store(s){missed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,21 +413,24 @@ def _inside_trio() -> bool:
     return True
 
 
-def store_metadata(home: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
-    """``({stored path: {version, set_by, set_at, type}}, warning)``: from the local store in
-    ``home/store`` when there is one, else from the configured stores. ``(None, None)``: no store at
-    all (nothing set yet); ``(None, warning)``: stores configured but none answered."""
-    from lab.common.errors import LabError
+DAEMON_META_WARNING: Final = "secret store metadata is not read inside the coordinator daemon; LAST ROTATED not shown"
 
+
+def store_metadata(home: str | os.PathLike[str], stores: list[str] | None = None) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """``({stored path: {version, set_by, set_at, type}}, warning)``: from the local store in
+    ``home/store`` when there is one, else from the configured stores (or ``stores``, given by a
+    connected home: read from those, with ``home``'s admin identity). ``(None, None)``: no store at
+    all (nothing set yet); ``(None, warning)``: stores configured but none answered."""
     home = pathlib.Path(home)
     try:
-        if (_store_dir(home) / "data.mdb").exists():
-            return _local_meta(home), None
-        stores = _cluster_stores(home)
+        if stores is None:
+            if (_store_dir(home) / "data.mdb").exists():
+                return _local_meta(home), None
+            stores = _cluster_stores(home)
+            if stores and _inside_trio():  # the coordinator daemon answering a remote `lab`: never block its event loop
+                return None, DAEMON_META_WARNING  # (the connected CLI reads the stores itself: connected_secrets)
         if not stores:
             return None, None
-        if _inside_trio():  # the coordinator daemon answering a remote `lab`: never block its event loop
-            return None, "secret store metadata is not read inside the coordinator daemon; LAST ROTATED not shown"
         return _remote_meta(home, stores), None
     except (LabError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -346,10 +451,11 @@ def _date(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) if ms else None
 
 
-def annotate_rotation(home: pathlib.Path, rows: list[dict[str, Any]], warnings: list[str]) -> None:
+def annotate_rotation(home: pathlib.Path, rows: list[dict[str, Any]], warnings: list[str], stores: list[str] | None = None) -> None:
     """``lab get secrets``: add ``last_rotated`` (UTC ``YYYY-MM-DD HH:MM``), ``last_rotated_ms``,
-    ``set_by``, ``stored`` (how many stored copies: per-machine ones counted) to each row (None when unset or unknown)."""
-    records, warning = store_metadata(home)
+    ``set_by``, ``stored`` (how many stored copies: per-machine ones counted) to each row (None when unset or unknown).
+    ``stores``: see :func:`store_metadata`."""
+    records, warning = store_metadata(home, stores)
     if warning:
         warnings.append(warning)
     for row in rows:
@@ -422,22 +528,54 @@ def secret_reasons(engine: Any, path: str) -> dict[str, Any]:
     records, warning = store_metadata(engine.paths.home)
     if warning:
         engine.state.warnings.append(warning)
-    rot = rotation_of(records or {}, path) if records is not None else None
-    per_machine = None
-    if path in compiled.per_machine:
-        have = {p.partition("@")[2] for p in (records or {}) if p.partition("@")[0] == path and "@" in p}
-        per_machine = [{"server": n, "set": (n in have) if records is not None else None} for n in sorted(consumers)]
+    known = store_fields(records, path, sorted(consumers) if path in compiled.per_machine else None)
     return {
         "grants": grants,
         "unapplied": unapplied,
         "entitled": {n: list(dict.fromkeys(s)) for n, s in consumers.items()},
-        "per_machine_set": per_machine,
-        "last_set": _date(rot["set_at"]) if rot else None,
-        "last_set_by": rot["set_by"] if rot else None,
-        "store_known": records is not None,
+        **known,
         "modules": str(modules) if modules else None,
         "policy_warnings": [w for w in compiled.warnings if path in w],
     }
+
+
+def store_fields(records: dict[str, dict[str, Any]] | None, path: str, per_machine: list[str] | None) -> dict[str, Any]:
+    """What `lab show secret` says from the store: ``per_machine_set`` (``per_machine``: the
+    servers of a per-machine secret, else None), ``last_set``, ``last_set_by``, ``store_known``.
+    ``records``: :func:`store_metadata`'s (None: the store was not read)."""
+    rot = rotation_of(records or {}, path) if records is not None else None
+    have = {p.partition("@")[2] for p in (records or {}) if p.partition("@")[0] == path and "@" in p}
+    return {
+        "per_machine_set": None if per_machine is None else
+        [{"server": n, "set": (n in have) if records is not None else None} for n in per_machine],
+        "last_set": _date(rot["set_at"]) if rot else None,
+        "last_set_by": rot["set_by"] if rot else None,
+        "store_known": records is not None,
+    }
+
+
+def connected_secrets(engine: Any, what: str, data: Any, warnings: list[str]) -> Any:
+    """A connected home's `lab get secrets` (``what="rows"``) or `lab show secret` (``"view"``):
+    the daemon answered without the stores (it never blocks on them); read ``store.meta`` here,
+    from the stores it knows, with this home's admin identity, and fill in what the coordinator
+    host prints. ``warnings``: the daemon's (its note about the metadata is replaced). None of the
+    stores known, or a daemon without ``secrets.*`` (older): the daemon's answer as it is."""
+    try:
+        _r, stores = _secrets_call(engine, "stores")
+    except NotFound:  # "no method 'secrets.stores'"
+        return data
+    if not stores:
+        return data
+    warnings[:] = [w for w in warnings if w != DAEMON_META_WARNING]
+    if what == "rows":
+        annotate_rotation(engine.paths.home, data, warnings, stores)
+        return data
+    records, warning = store_metadata(engine.paths.home, stores)
+    if warning:
+        warnings.append(warning)
+    pm = data.get("per_machine_set")
+    data.update(store_fields(records, data["path"], None if pm is None else [str(x.get("server")) for x in pm]))
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +592,7 @@ def _status_of(home: pathlib.Path, endpoint: str) -> dict[str, Any]:
     return dict(reply)
 
 
-def _consumers_per_label(engine: Any) -> list[dict[str, Any]]:
+def consumers_per_label(engine: Any) -> list[dict[str, Any]]:
     """Per label: its servers, and how many secrets each of them is entitled to through it."""
     compiled = compile_policy(engine.definitions, engine.state.list_servers(), _modules(None, engine.paths.definitions))
     per: dict[str, dict[str, set[str]]] = {}
@@ -474,13 +612,15 @@ def _consumers_per_label(engine: Any) -> list[dict[str, Any]]:
 
 def store_status(definitions: str | None = None) -> dict[str, Any]:
     """``lab secret status --store``: every configured store's view (config.yaml ``stores:``), else
-    the local store in ``$LAB_HOME/store``. An unreachable store is a row, not an error."""
-    from lab.common.errors import LabError
-
+    the local store in ``$LAB_HOME/store``; a connected home: the stores the daemon knows. An
+    unreachable store is a row, not an error."""
     with _engine(definitions) as engine:
         home = engine.paths.home
-        stores = _cluster_stores(home)
-        consumers = _consumers_per_label(engine)
+        if _remote(engine):  # a connected home: the consumers and the store list from the daemon
+            r, stores = _secrets_call(engine, "consumers")
+            stores, consumers = _need_stores(engine, stores), r.get("consumers") or []
+        else:
+            stores, consumers = _cluster_stores(home), consumers_per_label(engine)
         if stores:
             replicas = []
             for ep in stores:
