@@ -402,19 +402,22 @@ async def checkin_loop(agent: Any, *, interval: float | None = None, task_status
     except (OSError, yaml.YAMLError):
         doc = None
     coordinator = doc.get("coordinator") if isinstance(doc, dict) else None
+    from lab.coordinator.migrate import on_checkin_reply  # [migrate]
+    from lab.coordinator.migrate.announce import FOLLOW_AFTER, follow_announcement
+
     task_status.started()
     if not isinstance(coordinator, str) or not coordinator:
         return
     every = interval if interval is not None else checkin_interval()
+    failures = 0  # [migrate] check-ins in a row that did not reach the coordinator
     while True:
         renewed = None
         reply: dict[str, Any] = {}
         try:
             renewed = await checkin_once(Path(home), coordinator, reply)
             agent.sync_status["coordinator"] = "ok"
+            failures = 0
             # [migrate] stores, the coordinator's move (redirect), the migrate instruction for this node
-            from lab.coordinator.migrate import on_checkin_reply
-
             moved = await on_checkin_reply(agent, Path(home), coordinator, reply)
             if moved is not None:
                 coordinator = moved
@@ -429,9 +432,17 @@ async def checkin_loop(agent: Any, *, interval: float | None = None, task_status
                 return
             agent.sync_status["coordinator"] = f"refused: {str(exc)[:200]}"
             _event(logging.WARNING, "checkin.refused", coordinator=coordinator, reason=str(exc)[:200])
+            failures += 1
         except (LabError, OSError) as exc:
             agent.sync_status["coordinator"] = f"unreachable: {str(exc)[:200]}"
             _event(logging.DEBUG, "checkin.failed", coordinator=coordinator, reason=str(exc)[:200])
+            failures += 1
+        if failures and failures % FOLLOW_AFTER == 0:  # [migrate] it may have moved while we were away: ask the stores
+            found = await follow_announcement(Path(home), coordinator)
+            if found is not None:
+                coordinator, failures = found, 0
+                agent.sync_status["coordinator"], agent.sync_status["coordinator_endpoint"] = "ok", found
+                continue
         if renewed is not None:
             restart = getattr(agent, "restart_sync", None)
             if restart is not None:

@@ -440,7 +440,7 @@ def remote_restore(home: Path, stores: Sequence[str], backup_dir: str | os.PathL
     metadata at a fresh version, so the recovered values win on every store once gossip has
     carried them. Refuses stores that already hold secrets unless ``force``."""
     from lab.store import backup as backup_mod
-    from lab.store.policy import POLICY_PATH, REVOCATIONS_PATH, STORES_PATH
+    from lab.store.policy import COORDINATOR_PATH, POLICY_PATH, REVOCATIONS_PATH, STORES_PATH
 
     identities = backup_mod.load_identities(identity_file)
     ep, meta = _reply(store_call(home, stores, "store.meta", {})[0])
@@ -462,7 +462,7 @@ def remote_restore(home: Path, stores: Sequence[str], backup_dir: str | os.PathL
         batch, size = [], 0
 
     for path, _version, m, value in backup_mod.read_backup(backup_dir, identities):
-        if path in (POLICY_PATH, REVOCATIONS_PATH, STORES_PATH):
+        if path in (POLICY_PATH, REVOCATIONS_PATH, STORES_PATH, COORDINATOR_PATH):
             system[path] = value
             continue
         batch.append({"path": path, "value": value, "meta": m._to_wire()})
@@ -476,6 +476,8 @@ def remote_restore(home: Path, stores: Sequence[str], backup_dir: str | os.PathL
     signed = {k: system[p] for k, p in (("policy", POLICY_PATH), ("stores", STORES_PATH)) if p in system}
     if signed:  # the policy with the store directory (either may be missing from an older backup)
         published["policy" if "policy" in signed else "stores"] = _publish_signed(home, stores, signed)
+    if COORDINATOR_PATH in system:  # [migrate] where the coordinator answers (a store keeps it only if newer)
+        published["coordinator"] = _publish_signed(home, stores, {"coordinator": system[COORDINATOR_PATH]})
     return {"store": where[0], "restored": restored, "published": published}
 
 

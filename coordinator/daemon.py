@@ -241,6 +241,11 @@ async def _serve_rpc(
                                      spawn=nursery.start_soon, clock=clock)
         holder["c"].migration = migration
         service.migration = migration
+        from lab.coordinator.migrate.announce import Announcer  # [migrate] where agents that missed a move find us
+
+        announcer = Announcer(engine, ca, identity, service.store_endpoints, clock)
+        migration.announce = announcer.publish
+        nursery.start_soon(announcer.at_start, endpoint)
         task_status.started(actual)
 
 

@@ -50,6 +50,7 @@ import trio
 from lab.common import rpc, wire
 from lab.common.errors import AuthError, ConfigError, LabError, StateError, StoreError, TransportError, UsageError
 from lab.common.identity import Certificate, NodeKey, RevocationList, verify_certificate
+from lab.store import announce
 from lab.store import backup as backup_mod
 from lab.store import keys
 from lab.store.dataset import Dataset
@@ -375,6 +376,8 @@ class StoreNode:
             return self._backup(peer, body) if method == "store.backup" else self._restore(peer, body)
         if method == "store.key":  # a new store of the current policy asks for the dataset key
             return self._hand_key(peer)
+        if method == "store.coordinator":  # any enrolled node: where the coordinator answers now (store/announce.py)
+            return announce.read(self, peer)
         raise UsageError(f"unknown method {method[:64]!r}")
 
     @staticmethod
@@ -458,7 +461,9 @@ class StoreNode:
         """A CA-signed policy (``policy``) or revocation list (``revocations``), written as the
         record that replicates it. An older or equal version than the one held is refused.
         ``stores`` (the CA-signed store directory) may come along, or alone; an older or equal one
-        is skipped silently."""
+        is skipped silently. ``coordinator`` (the signed announcement) comes alone: store/announce.py."""
+        if body.get("coordinator") is not None:
+            return announce.accept(self, peer, body["coordinator"])
         if body.get("stores") is not None:
             directory = StoreDirectory.decode_untrusted(self._field(body, "stores", bytes))
             directory.verify(self.enforcer.ca_public_key)

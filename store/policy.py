@@ -18,6 +18,12 @@ the node's current entitlement is refused with ``NotEntitled`` whose message dep
 requested path, and the decision is made from the policy alone, before the dataset is consulted,
 so neither the error nor the work done reveals whether the path exists.
 
+**Coordinator announcement** (``_lab/coordinator``, :class:`CoordinatorAnnouncement`): where the
+coordinator answers now, CA-signed, a higher ``version`` replacing a lower one. The coordinator
+publishes it when it starts serving and when it moves (`lab server migrate`); an agent that lost
+its coordinator reads it from any store (``store.coordinator``), so a move reaches agents that were
+offline during it (coordinator/migrate/announce.py).
+
 **Per-machine secrets**: the policy lists the logical path (``tls/node-cert``); the store serves
 each node the value stored at ``tls/node-cert@<node name>`` under the logical path.
 """
@@ -36,22 +42,25 @@ from lab.common.identity import (  # the shared signed-record machinery of certi
     RevocationList,
     _Signed,
     _verify_sig,
+    matches_fingerprint,
     verify_certificate,
 )
 from lab.store.records import NODE_PATTERN, PATH_PATTERN, SYSTEM_PREFIX, Meta, SecretRecord, machine_path
 
 __all__ = [
-    "POLICY_PATH", "REVOCATIONS_PATH", "STORES_PATH", "STORE_LABEL", "Enforcer", "PolicyDocument", "StoreDirectory", "publish",
-    "sign_directory", "sign_policy",
+    "COORDINATOR_PATH", "POLICY_PATH", "REVOCATIONS_PATH", "STORES_PATH", "STORE_LABEL", "CoordinatorAnnouncement", "Enforcer",
+    "PolicyDocument", "StoreDirectory", "publish", "sign_announcement", "sign_directory", "sign_policy",
 ]
 
 POLICY_PATH: Final = SYSTEM_PREFIX + "policy"
 STORES_PATH: Final = SYSTEM_PREFIX + "stores"
 REVOCATIONS_PATH: Final = SYSTEM_PREFIX + "revocations"
+COORDINATOR_PATH: Final = SYSTEM_PREFIX + "coordinator"
 STORE_LABEL: Final = "secret-store"
 MAX_POLICY_SIZE: Final = 16 * 1024 * 1024
 _POLICY_DOMAIN: Final = b"lab.policy.v1\x00"
 _DIRECTORY_DOMAIN: Final = b"lab.stores.v1\x00"
+_ANNOUNCEMENT_DOMAIN: Final = b"lab.coordinator.v1\x00"
 ENDPOINT_PATTERN: Final = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}"
 _SIG_LEN: Final = 64
 
@@ -157,6 +166,43 @@ def sign_directory(ca: CertificateAuthority, endpoints: Mapping[str, str], *, ve
     return dataclasses.replace(unsigned, signature=sig)
 
 
+@wire.record
+@dataclasses.dataclass(frozen=True)
+class CoordinatorAnnouncement(_Signed):
+    """Where the coordinator of this CA answers (``HOST:PORT``), CA-signed: the record
+    ``_lab/coordinator``. ``version`` only grows (milliseconds, and above any held one); ``ca`` is
+    the CA's fingerprint, checked against the verifying key too."""
+
+    v: Annotated[int, wire.Int(1, 1)]
+    version: Annotated[int, wire.UInt()]
+    issued_at: Annotated[int, wire.UInt()]
+    endpoint: Annotated[str, wire.Str(max_len=300, min_len=3, pattern=ENDPOINT_PATTERN)]
+    ca: Annotated[str, wire.Str(max_len=64, min_len=16)]
+    signature: Annotated[bytes, wire.Bytes(min_len=_SIG_LEN, max_len=_SIG_LEN)] = dataclasses.field(repr=False)
+
+    _WHAT = "coordinator announcement"
+
+    @classmethod
+    def decode_untrusted(cls, data: bytes | bytearray | memoryview) -> CoordinatorAnnouncement:
+        return cls._decode(data, 4096, 16)  # type: ignore[no-any-return]
+
+    def verify(self, ca_public_key: bytes) -> None:
+        if not _verify_sig(_ANNOUNCEMENT_DOMAIN, self.body_bytes(), self.signature, ca_public_key) \
+                or not matches_fingerprint(ca_public_key, self.ca):
+            raise AuthError(f"coordinator announcement v{self.version} is not signed by this cluster CA")
+
+    def __hash__(self) -> int:
+        return hash(self.signature)
+
+
+def sign_announcement(ca: CertificateAuthority, endpoint: str, *, version: int, now: float) -> CoordinatorAnnouncement:
+    """Build and sign the coordinator announcement for ``endpoint``."""
+    unsigned = CoordinatorAnnouncement(v=1, version=version, issued_at=int(now), endpoint=endpoint, ca=ca.fingerprint,
+                                       signature=bytes(_SIG_LEN))
+    sig = ca._sign(_ANNOUNCEMENT_DOMAIN, unsigned.body_bytes())  # noqa: SLF001 (the CA's one signing primitive)
+    return dataclasses.replace(unsigned, signature=sig)
+
+
 class Enforcer:
     """What one store knows of policy and revocations, and the decisions made from them."""
 
@@ -165,6 +211,7 @@ class Enforcer:
         self.policy: PolicyDocument | None = None
         self.revocations: RevocationList | None = None
         self.directory: StoreDirectory | None = None
+        self.announcement: CoordinatorAnnouncement | None = None
         self._grants: dict[str, frozenset[str]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
@@ -192,6 +239,13 @@ class Enforcer:
         self.directory = doc
         return True
 
+    def load_announcement(self, doc: CoordinatorAnnouncement) -> bool:
+        doc.verify(self.ca_public_key)
+        if self.announcement is not None and doc.version <= self.announcement.version:
+            return False
+        self.announcement = doc
+        return True
+
     def system_checker(self, record: SecretRecord, value: bytes) -> None:
         """Dataset hook: refuse an unsigned or forged system record before it is merged, and apply it."""
         if record.path == POLICY_PATH:
@@ -200,6 +254,8 @@ class Enforcer:
             self.load_revocations(RevocationList.decode_untrusted(value))
         elif record.path == STORES_PATH:
             self.load_directory(StoreDirectory.decode_untrusted(value))
+        elif record.path == COORDINATOR_PATH:
+            self.load_announcement(CoordinatorAnnouncement.decode_untrusted(value))
         else:
             raise RemoteProtocolError(f"unknown system record {record.path!r}")
 
@@ -251,10 +307,12 @@ class Enforcer:
         return machine_path(path, cert.name) if path in self.policy.per_machine else path
 
 
-def publish(dataset: Any, signed: PolicyDocument | RevocationList | StoreDirectory, now_ms: int, *, by: str = "coordinator") -> SecretRecord:
-    """Write a signed policy, revocation list or store directory into the dataset, as the record
-    that replicates it."""
-    path = POLICY_PATH if isinstance(signed, PolicyDocument) else STORES_PATH if isinstance(signed, StoreDirectory) else REVOCATIONS_PATH
+def publish(dataset: Any, signed: PolicyDocument | RevocationList | StoreDirectory | CoordinatorAnnouncement, now_ms: int, *,
+            by: str = "coordinator") -> SecretRecord:
+    """Write a signed policy, revocation list, store directory or coordinator announcement into
+    the dataset, as the record that replicates it."""
+    path = {PolicyDocument: POLICY_PATH, StoreDirectory: STORES_PATH,
+            CoordinatorAnnouncement: COORDINATOR_PATH}.get(type(signed), REVOCATIONS_PATH)
     meta = Meta(type="system", set_by=by, set_at=now_ms, rotate_every=None, ttl=None, owner="root", group="root", mode=0o400)
     rec: SecretRecord = dataset.write(path, signed.encode(), meta, now_ms)
     return rec

@@ -12,8 +12,11 @@ postgres), agents checking in every second. Then:
 Each time: a secret set before, one during and one after arrive on the agents; `lab get servers`
 through the new endpoint shows the same inventory with `lab-server` on the new host only; agents'
 certificate serials do not change (no re-enrollment) and their enrollment.yaml points at the new
-coordinator; the old coordinator no longer answers. Finally node-b's agent restarts and its
-coordinator role comes back with it.
+coordinator; the old coordinator no longer answers. db-1's agent is down during the whole second
+move: started once node-a's coordinator is gone, it learns node-b's endpoint from the stores (the
+CA-signed coordinator announcement) and checks in there with its old certificate. Finally node-b's
+agent restarts and its coordinator role comes back with it; SIGKILLed, it takes the role's child
+with it.
 """
 
 from __future__ import annotations
@@ -141,11 +144,23 @@ def fetch_as(home: Path, endpoint: str, id: str) -> str:
     return trio.run(main)
 
 
+def announced(d: Path) -> str | None:
+    """The coordinator endpoint the stores announce (``store.coordinator``, as web-1's agent asks)."""
+    import trio
+
+    from lab.coordinator.migrate.announce import newest_announcement
+    from lab.store.node import load_home_identity
+
+    stores = yaml.safe_load((d / "web-1" / "enrollment.yaml").read_text())["stores"]
+    doc = trio.run(newest_announcement, stores, load_home_identity(d / "web-1"))
+    return None if doc is None else str(doc.endpoint)
+
+
 def admin_call(home: Path, endpoint: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
     import trio
 
     from lab.coordinator.enrollment import load_identity
-    from lab.coordinator.migrate import _call
+    from lab.coordinator.migrate.command import _call
 
     return trio.run(_call, endpoint, load_identity(home, "admin"), method, body)
 
@@ -191,6 +206,7 @@ def test_local_to_a_to_b(cluster: Path, tmp_path: Path) -> None:
     assert set(before) == set(ALL_NODES)
     serials = {n: serial(d, n) for n in ALL_NODES}
     assert all(enrolled_coordinator(d, n) == old_endpoint for n in ALL_NODES)
+    eventually(lambda: announced(d) == old_endpoint, 40, "the coordinator announcing itself in the stores")
 
     # no terminal and no --yes: refused, nothing moves
     r = lab("server", "migrate", "--to", "node-a", "--listen", ep_a, home=coord)
@@ -213,6 +229,7 @@ def test_local_to_a_to_b(cluster: Path, tmp_path: Path) -> None:
     assert yaml.safe_load((coord / "config.yaml").read_text())["server"] == ep_a
     assert (coord / "moved.json").exists()
     assert not answers(old_endpoint)  # the in-process coordinator ended with the command
+    assert announced(d) == ep_a  # announced at the switch, for agents the redirect misses
     assert (d / "node-a" / "coordinator-role.yaml").exists()
     home_a = d / "node-a" / "coordinator"
     assert oct((home_a).stat().st_mode & 0o777) == "0o700"
@@ -255,8 +272,9 @@ def test_local_to_a_to_b(cluster: Path, tmp_path: Path) -> None:
         admin_call(coord, ep_a, "engine.remove_server", {"name": "no-such-server"})
     assert "moving" not in str(refused.value)  # thawed: refused only because there is no such server
 
-    # -- move 2: node-a → node-b
-    proc = migrate(coord, "--to", "node-b", "--listen", ep_b, "--grace", "40", "--yes", log=tmp_path / "migrate2.log")
+    # -- move 2: node-a → node-b, with db-1's agent down the whole time (it learns the move from the stores)
+    ok(lab("cluster", "stop", "--dir", str(d), "db-1"))
+    proc = migrate(coord, "--to", "node-b", "--listen", ep_b, "--grace", "10", "--yes", log=tmp_path / "migrate2.log")
     pending: dict[str, Any] = {}
 
     def pending_seen() -> bool:
@@ -283,7 +301,13 @@ def test_local_to_a_to_b(cluster: Path, tmp_path: Path) -> None:
     final = servers(coord)
     assert set(final) == set(before)
     assert "lab-server" in final["node-b"]["labels"] and "lab-server" not in final["node-a"]["labels"]
-    assert all(enrolled_coordinator(d, n) == ep_b for n in ALL_NODES), {n: enrolled_coordinator(d, n) for n in ALL_NODES}
+    online = [n for n in ALL_NODES if n != "db-1"]
+    assert all(enrolled_coordinator(d, n) == ep_b for n in online), {n: enrolled_coordinator(d, n) for n in ALL_NODES}
+    assert enrolled_coordinator(d, "db-1") == ep_a  # missed the redirect: node-a's coordinator is gone for good
+    ok(lab("cluster", "start", "--dir", str(d), "db-1"))
+    assert announced(d) == ep_b
+    eventually(lambda: enrolled_coordinator(d, "db-1") == ep_b, 40, "db-1 following the stores' announcement to node-b")
+    assert "via=announcement" in (d / "db-1" / "agent.log").read_text()
     arrives(d, b"mon-4")
     home_b = d / "node-b" / "coordinator"
     set_secret(home_b, MON, b"mon-5")
@@ -309,6 +333,27 @@ def test_local_to_a_to_b(cluster: Path, tmp_path: Path) -> None:
     os.kill(child, signal.SIGKILL)
     eventually(lambda: coordinator_child(home_b) not in (None, child) and answers(ep_b), 30, "the coordinator restarted")
     assert len(servers(coord)) == len(before)
+
+    # -- node-b's agent killed outright (SIGKILL): its coordinator child goes with it, nothing left serving
+    child = coordinator_child(home_b)
+    agent = agent_pid(d / "node-b")
+    assert child is not None and agent is not None
+    os.kill(agent, signal.SIGKILL)
+    eventually(lambda: coordinator_child(home_b) is None and not answers(ep_b), 10, "the coordinator child dying with its agent")
+    ok(lab("cluster", "start", "--dir", str(d), "node-b"))
+    eventually(lambda: answers(ep_b), 30, "node-b's coordinator back after the kill")
+
+
+def agent_pid(home: Path) -> int | None:
+    """The pid of the `lab-agent run --home HOME` process."""
+    for pid in _our_pids(home):
+        try:
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"run" in argv and b"--home" in argv and str(home).encode() in argv and b"server" not in argv:
+            return pid
+    return None
 
 
 def coordinator_child(home: Path) -> int | None:

@@ -1,4 +1,4 @@
-"""coordinator/migrate.py: the pure parts of `lab server migrate` — endpoint choice, plan text,
+"""coordinator/migrate/: the pure parts of `lab server migrate` — endpoint choice, plan text,
 config switch, bundle build/verify/install, who may fetch, and the daemon's check-in decisions and
 write freeze. No sockets, no processes (the whole move: tests/integration/test_migrate_cluster.py)."""
 
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from lab.common.errors import ConfigError, NotEntitled, RemoteProtocolError, StateError, UsageError
 from lab.common.identity import CertificateAuthority
 from lab.coordinator import migrate as m
+from lab.coordinator.migrate import bundle, role
 from lab.coordinator.engine import Engine, Paths
 from lab.coordinator.enrollment import ensure_cluster_identity, load_ca_public_key
 
@@ -141,7 +142,7 @@ def test_db_copy_of_a_live_wal_database_has_the_uncheckpointed_rows(tmp_path: Pa
     conn.execute("CREATE TABLE audit (x)")
     conn.executemany("INSERT INTO servers VALUES (?)", [(i,) for i in range(50)])
     assert (tmp_path / "state.db-wal").stat().st_size > 0  # still in the WAL
-    copy = m._db_copy(db)
+    copy = bundle._db_copy(db)
     conn.close()
     assert m.count_rows(copy)["servers"] == 50
 
@@ -325,7 +326,7 @@ def test_update_enrollment_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:
     path = tmp_path / "enrollment.yaml"
     path.write_text(yaml.safe_dump({"node": "web-1", "coordinator": "a:1", "stores": ["s:1"]}, sort_keys=False))
     os.chmod(path, 0o640)
-    m._update_enrollment(path, coordinator="b:2")
+    role._update_enrollment(path, coordinator="b:2")
     assert yaml.safe_load(path.read_text()) == {"node": "web-1", "coordinator": "b:2", "stores": ["s:1"]}
     assert oct(path.stat().st_mode & 0o777) == "0o640"
     assert [p.name for p in tmp_path.iterdir()] == ["enrollment.yaml"]
