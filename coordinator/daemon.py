@@ -234,6 +234,12 @@ async def _serve_rpc(
             holder["c"].identity_ops = ops
             service.identity_ops = ops
             service.on_issued = lambda cert: keep_issued(engine.paths.home, cert)
+            from lab.coordinator.cluster import republish_from_daemon
+            from lab.coordinator.republish import Republisher
+
+            republisher = Republisher(lambda: republish_from_daemon(ops))  # [secrets] a new node reaches the policy
+            nursery.start_soon(republisher.run)
+            service.after_enroll = republisher.request
         from lab.coordinator.migrate import MigrationService  # [migrate] issue 6: `lab server migrate`
 
         me = trio.lowlevel.current_task()  # once started, a child of serve()'s nursery: stopping that stops PXE too

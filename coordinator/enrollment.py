@@ -226,6 +226,7 @@ class EnrollmentService:
     """
 
     identity_ops: Any = None  # [identity] lab.coordinator.identity_ops.IdentityService (set by the daemon)
+    after_enroll: Any = None  # () -> None: the daemon republishes the secret policy (coordinator/republish.py)
     on_issued: Any = None  # [identity] called with each certificate issued (kept in certs/NAME.cert)
     migration: Any = None  # [migrate] lab.coordinator.migrate.MigrationService (set by the daemon)
 
@@ -304,6 +305,8 @@ class EnrollmentService:
             except (LabError, OSError) as exc:
                 log_event(logging.WARNING, "enroll.cert_not_kept", name=server.name, reason=str(exc))
         log_event(logging.INFO, "enroll.accepted", peer=peer.address, name=server.name, key=key_fpr, serial=cert.serial)
+        if self.after_enroll is not None:
+            self.after_enroll()
         if self.dns is not None and addresses:
             try:
                 await self.dns.node_enrolled(server.name, addresses)
