@@ -148,8 +148,7 @@ class _Revoked(AuthError):
 
 
 def _event(level: int, event: str, **fields: object) -> None:
-    if log.isEnabledFor(level):
-        log.log(level, "event=%s %s", event, " ".join(f"{k}={rpc._fmt(v)}" for k, v in fields.items() if v is not None))
+    rpc.log_event(log, level, event, **fields)
 
 
 async def _session(endpoint: str, cache: SecretCache, sink: Sink, identity: rpc.Identity,
