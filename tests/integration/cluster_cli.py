@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 LAB = str(Path(sys.executable).parent / "lab")
@@ -35,3 +36,14 @@ def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def running_cluster(d: Path, *up_args: str) -> Iterator[Path]:
+    """`lab cluster up --dir d …` for the duration; `lab cluster down` afterwards, even on failure."""
+    try:
+        ok(lab("cluster", "up", "--dir", str(d), *up_args))
+        yield d
+    finally:
+        if (d / "cluster.yaml").exists():
+            lab("cluster", "down", "--dir", str(d))

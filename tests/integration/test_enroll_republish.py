@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_cli import eventually, lab, ok
+from cluster_cli import eventually, lab, ok, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,8 @@ PG = "postgres/master-password"
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Path]:
-    d = tmp_path / "c"
-    try:
-        ok(lab("cluster", "up", "--dir", str(d), "--stores", "1", "--agent", "db-1=postgres,production"))
+    with running_cluster(tmp_path / "c", "--stores", "1", "--agent", "db-1=postgres,production") as d:
         yield d
-    finally:
-        if (d / "cluster.yaml").exists():
-            lab("cluster", "down", "--dir", str(d))
 
 
 def test_a_node_enrolled_later_gets_its_secrets_without_a_manual_publish(cluster: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_cli import eventually, lab, ok
+from cluster_cli import eventually, lab, ok, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +51,9 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("cluster") / "c"
-    args = ["cluster", "up", "--dir", str(d), "--stores", "2"]
-    for name, labels in AGENTS.items():
-        args += ["--agent", f"{name}={labels}"]
-    r = lab(*args)
-    try:
-        ok(r)
+    agents = [a for name, labels in AGENTS.items() for a in ("--agent", f"{name}={labels}")]
+    with running_cluster(tmp_path_factory.mktemp("cluster") / "c", "--stores", "2", *agents) as d:
         yield d
-    finally:
-        if (d / "cluster.yaml").exists():
-            lab("cluster", "down", "--dir", str(d))
 
 
 def status(d: Path) -> list[dict[str, Any]]:

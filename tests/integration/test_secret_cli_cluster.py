@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_cli import eventually, lab, ok
+from cluster_cli import eventually, lab, ok, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +27,8 @@ PG = "postgres/master-password"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("secretcli") / "c"
-    r = lab("cluster", "up", "--dir", str(d), "--stores", "2", "--agent", "db-1=postgres")
-    try:
-        ok(r)
+    with running_cluster(tmp_path_factory.mktemp("secretcli") / "c", "--stores", "2", "--agent", "db-1=postgres") as d:
         yield d
-    finally:
-        if (d / "cluster.yaml").exists():
-            lab("cluster", "down", "--dir", str(d))
 
 
 def test_secret_cli_against_the_cluster(cluster: Path) -> None:

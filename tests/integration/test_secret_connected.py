@@ -21,7 +21,7 @@ from pathlib import Path
 import pyrage
 import pytest
 import trio
-from cluster_cli import eventually, lab, ok
+from cluster_cli import eventually, lab, ok, running_cluster
 from test_lifecycle_daemon import connect
 
 from lab.common import rpc
@@ -36,14 +36,8 @@ VALUES = (b"pg-from-coordinator", b"pg-from-laptop")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("secretconn") / "c"
-    r = lab("cluster", "up", "--dir", str(d), "--stores", "2", "--agent", "db-1=postgres")
-    try:
-        ok(r)
+    with running_cluster(tmp_path_factory.mktemp("secretconn") / "c", "--stores", "2", "--agent", "db-1=postgres") as d:
         yield d
-    finally:
-        if (d / "cluster.yaml").exists():
-            lab("cluster", "down", "--dir", str(d))
 
 
 def _base_env() -> dict[str, str]:

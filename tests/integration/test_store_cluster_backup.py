@@ -24,7 +24,7 @@ from pathlib import Path
 import pyrage
 import pytest
 import trio
-from cluster_cli import eventually, lab, ok
+from cluster_cli import eventually, lab, ok, running_cluster
 from test_store_backup_git import need
 
 from lab.common import rpc
@@ -43,14 +43,8 @@ VALUES = (b"pg-value-1", b"pg-value-2", b"relay-value-1", b"cert-value-db-1")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("bkcluster") / "c"
-    r = lab("cluster", "up", "--dir", str(d), "--stores", "2", "--agent", "db-1=postgres")
-    try:
-        ok(r)
+    with running_cluster(tmp_path_factory.mktemp("bkcluster") / "c", "--stores", "2", "--agent", "db-1=postgres") as d:
         yield d
-    finally:
-        if (d / "cluster.yaml").exists():
-            lab("cluster", "down", "--dir", str(d))
 
 
 def _call(port: int, identity: rpc.Identity, method: str, body: dict) -> dict:
