@@ -299,7 +299,7 @@ async def sync_loop(
             await trio.sleep(backoff.next_delay())  # lost just now: a short, jittered pause
 
 
-def _stores_from_enrollment(home: Path) -> list[str]:
+def enrolled_stores(home: Path) -> list[str]:
     try:
         doc = yaml.safe_load((home / ENROLLMENT_FILE).read_text(encoding="utf-8")) or {}
     except FileNotFoundError as exc:
@@ -320,7 +320,7 @@ async def run_for_agent(agent: Any, *, task_status: trio.TaskStatus[None] = trio
             raise ConfigError("the agent has no home directory configured")
         home = Path(home)
         identity = load_home_identity(home)
-        stores = _stores_from_enrollment(home)
+        stores = enrolled_stores(home)
         if not stores:
             raise ConfigError("enrollment lists no stores", file=str(home / ENROLLMENT_FILE))
     except LabError as exc:

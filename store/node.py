@@ -583,6 +583,10 @@ class StoreNode:
                 async with rpc.connect(host, port, identity=self.identity, timeout=5.0) as conn:
                     if STORE_ROLE not in conn.peer.roles:
                         raise AuthError(f"{link.endpoint} answered as {conn.peer.name!r}, which is not a store")
+                    if conn.peer.name == self.name:  # our own endpoint, e.g. in the enrollment's store list
+                        self.links.remove(link)
+                        _log(logging.INFO, "store.peer_is_self", endpoint=link.endpoint)
+                        return
                     link.name, link.since, link.last_error = conn.peer.name, time.time(), None
                     self._meet(conn.peer.certificate)
                     link.send, link.receive = trio.open_memory_channel[bytes](DEFAULT_PUSH_QUEUE)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 import trio
 
 from lab.common import rpc
@@ -94,8 +95,12 @@ class Cluster:
 
     # -- processes ------------------------------------------------------------------------------
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, peers_from_enrollment: bool = False) -> None:
         peers = [a for n in STORES if n != name for a in ("--peer", self.endpoint(n))]
+        if peers_from_enrollment:  # no --peer: the store list of enrollment.yaml (our own endpoint included, as a coordinator lists it)
+            doc = {"name": name, "stores": [self.endpoint(n) for n in STORES]}
+            (self.root / name / "enrollment.yaml").write_text(yaml.safe_dump(doc))
+            peers = []
         cmd = [sys.executable, "-c", "from lab.agent.cli import main; main()", "store", "run", "--home", str(self.root / name),
                "--listen", self.endpoint(name), "--ae-interval", str(self.ae_interval), "--backoff-cap", "0.5", *peers]
         if not self.fsync:

@@ -58,8 +58,10 @@ def test_a_new_store_gets_the_key_from_a_peer_and_serves(tmp_path: Path) -> None
                 with pytest.raises((AuthError, TransportError)):
                     await c.call(store, "store.key", {}, other)
 
-            # the real store-3 process: waits for the key, asks a peer, joins, converges, serves
-            c.start("store-3")
+            # the real store-3 process, started as an enrolled host would be (no --peer: the store
+            # list of its enrollment, itself included): waits for the key, asks a peer, joins,
+            # converges, serves
+            c.start("store-3", peers_from_enrollment=True)
             await c.wait_ready("store-3", timeout=40)
             st = await c.converged(20)
             assert len(st) == 3 and st["store-3"]["records"] == st["store-1"]["records"]
@@ -79,6 +81,7 @@ def test_a_new_store_gets_the_key_from_a_peer_and_serves(tmp_path: Path) -> None
         c.close()
     log3 = c.log("store-3")
     assert "event=store.waiting_for_key" in log3 and "event=store.key_received" in log3, log3[-2000:]
+    assert "event=store.peer_is_self" in log3 and "event=store.peer_up" in log3, log3[-2000:]
     assert not (tmp_path / "store-3" / SEALED_KEY_FILE).exists()
     handed = c.log("store-1") + c.log("store-2")
     assert "event=store.key_handed name=store-3" in handed
