@@ -50,8 +50,9 @@ class MigrationService:
     """``migrate.*`` in the coordinator daemon, the check-in hook and the write freeze."""
 
     announce: Callable[[str], Awaitable[Any]] | None = None  # the stores' announcement (announce.Announcer.publish)
-    WRITES: Final = ("engine.add_server", "engine.set_labels", "engine.remove_server", "identity.revoke", "identity.renew",
-                     "lifecycle.apply", "lifecycle.sync")
+    # While frozen only these are served (default deny: a method added later is refused until listed)
+    READS: Final = frozenset({"ping", "checkin", "identity.show", "lifecycle.diff",
+                              "secrets.stores", "secrets.definition", "secrets.consumers", "secrets.audit"})
 
     def __init__(self, engine: Any, ca: Any, endpoint: str, *, stop: Callable[[], None] | None = None,
                  spawn: Callable[..., Any] | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -77,10 +78,16 @@ class MigrationService:
 
     def check_writable(self, method: str) -> None:
         """StateError for writes while the state is on its way to another node."""
-        if (method == "enroll" or method in self.WRITES) and self.frozen:
+        if self.frozen and not self.is_read(method):
             where = self.moved_to or (self.pending.endpoint if self.pending else "?")
             raise StateError(f"the coordinator is moving to {where}; {method} is refused here until the move is done "
                              "or aborted (retry against the new coordinator)")
+
+    def is_read(self, method: str) -> bool:
+        from lab.coordinator.daemon import ENGINE_READ
+
+        return method in self.READS or method.startswith("migrate.") or (
+            method.startswith("engine.") and method[len("engine."):] in ENGINE_READ)
 
     # -- check-in -------------------------------------------------------------------------------
 

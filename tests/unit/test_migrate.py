@@ -258,10 +258,11 @@ def test_service_flow_freeze_redirect_and_drain(service: Any, home: Path) -> Non
             await service.handle(target, "migrate.ready", {"id": id, "endpoint": "127.0.0.1:9000"})
         reply = await service.handle(target, "migrate.fetch", {"id": id})
         assert m.decode_bundle_untrusted(reply["bundle"], load_ca_public_key(home / "ca.pub")).node == "node-a"
-        for method in ("enroll", "engine.set_labels", "identity.revoke"):
+        for method in ("enroll", "engine.set_labels", "identity.revoke", "lifecycle.plan", "secrets.publish", "onboard.register"):
             with pytest.raises(StateError, match="moving to 127.0.0.1:9000"):
-                service.check_writable(method)
-        service.check_writable("engine.get_servers")  # reads go on
+                service.check_writable(method)  # writes, and methods nobody listed as reads (default deny)
+        for method in ("engine.get_servers", "engine.describe_server", "lifecycle.diff", "secrets.definition", "identity.show"):
+            service.check_writable(method)  # reads go on
         with pytest.raises(StateError, match="no migration ready"):
             await service.handle(admin, "migrate.finish", {"id": id, "endpoint": "127.0.0.1:9000"})
         with pytest.raises(UsageError, match="expects"):
