@@ -11,6 +11,8 @@ One root nursery; :func:`serve` follows the ``task_status`` convention. Methods:
   daemon's engine and home (coordinator/lifecycle_api.py);
 * ``secrets.*`` — ``admin`` role too: definitions, consumers, audit and store list for `lab secret …`
   in a connected home (coordinator/secrets_api.py; values go from the CLI to a store, never here).
+* ``onboard.*``, ``tokens.*`` — ``admin`` role too: what `lab onboard` and `lab token` need from the
+  coordinator in a connected home (coordinator/onboard_api.py; the SSH work stays in the CLI).
 
 State is SQLite used from the trio thread: each call is short, and the daemon serialises them.
 """
@@ -121,6 +123,10 @@ class Coordinator:
             from lab.coordinator.secrets_api import handle as secrets_handle
 
             return await secrets_handle(self, peer, method, req.body)
+        if method.startswith(("onboard.", "tokens.")):  # [onboard] `lab onboard|token` from a connected home; admin only, checked there
+            from lab.coordinator.onboard_api import handle as onboard_handle
+
+            return await onboard_handle(self, peer, method, req.body)
         raise NotFound(f"no method {method!r}")
 
     def _engine_call(self, peer: rpc.PeerInfo, name: str, body: dict[str, Any]) -> dict[str, Any]:

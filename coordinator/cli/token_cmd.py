@@ -1,8 +1,9 @@
 """`lab token create|list|revoke`: one-time join tokens (see docs/ENROLLMENT.md).
 
 Registers on the ``app`` of :mod:`lab.coordinator.cli.app` when imported there. Tokens are
-written to this coordinator's state.db ($LAB_HOME); the token text is printed once and stored
-nowhere (only its hash).
+written to this coordinator's state.db ($LAB_HOME), or, in a home connected with `lab server
+connect`, to the daemon's (its ``tokens.*`` methods, coordinator/onboard_api.py); the token text is
+printed once and stored nowhere (only its hash).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lab.coordinator import tokens
 from lab.coordinator.cli import app as base
 from lab.common.render import emit, table
 from lab.coordinator.engine import _split
+from lab.coordinator.onboarding import open_onboarding
 
 token_app = base.subcommand("token", "One-time join tokens for enrolling agents.")
 
@@ -55,18 +57,9 @@ def token_create(
     fmt = base._format(output)
     seconds = tokens.parse_ttl(ttl)
     label_list = _split(labels)
-    with base._engine(definitions, local=True) as engine:
-        if label_list:
-            engine._check_labels(label_list)
-        fpr = _ca_fingerprint(engine.paths.home)
-        with engine.state.transaction():
-            text, record = tokens.create_token(
-                engine.state, fpr, name, label_list, environment=environment, region=region, ttl=seconds
-            )
-            engine.state.audit(
-                "token.create", name, {"labels": label_list, "environment": environment, "region": region, "expires_at": record.expires_at}
-            )
-    result = {"token": text, "name": name, "labels": label_list, "environment": environment, "region": region, "expires_at": record.expires_at}
+    with open_onboarding(base.Paths.resolve(definitions)) as backend:
+        text, record = backend.create_token(name, label_list, environment, region, seconds)
+    result = {"token": text, "name": name, "labels": label_list, "environment": environment, "region": region, "expires_at": record["expires_at"]}
 
     def human(r: dict[str, Any], out: TextIO) -> None:
         print(
@@ -84,8 +77,8 @@ def token_list(definitions: base.Definitions = None, output: base.Output = "tabl
     """Tokens and their state (never the secret)."""
     fmt = base._format(output)
     now = time.time()
-    with base._engine(definitions, local=True) as engine:
-        rows = tokens.list_tokens(engine.state, now)
+    with open_onboarding(base.Paths.resolve(definitions)) as backend:
+        rows = backend.list_tokens()
 
     def human(rs: list[dict[str, Any]], out: TextIO) -> None:
         if not rs:
@@ -103,8 +96,6 @@ def token_list(definitions: base.Definitions = None, output: base.Output = "tabl
 @token_app.command("revoke")
 def token_revoke(name: str, definitions: base.Definitions = None) -> None:
     """Revoke the unused tokens of a server."""
-    with base._engine(definitions, local=True) as engine:
-        with engine.state.transaction():
-            count = tokens.revoke_tokens(engine.state, name)
-            engine.state.audit("token.revoke", name, {"count": count})
+    with open_onboarding(base.Paths.resolve(definitions)) as backend:
+        count = backend.revoke_tokens(name)
     print(f"✓ {count} token{'s' if count != 1 else ''} for {name} revoked")

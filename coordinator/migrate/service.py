@@ -51,7 +51,7 @@ class MigrationService:
 
     announce: Callable[[str], Awaitable[Any]] | None = None  # the stores' announcement (announce.Announcer.publish)
     # While frozen only these are served (default deny: a method added later is refused until listed)
-    READS: Final = frozenset({"ping", "checkin", "identity.show", "lifecycle.diff",
+    READS: Final = frozenset({"ping", "checkin", "identity.show", "lifecycle.diff", "onboard.status", "tokens.list",
                               "secrets.stores", "secrets.definition", "secrets.consumers", "secrets.audit"})
 
     def __init__(self, engine: Any, ca: Any, endpoint: str, *, stop: Callable[[], None] | None = None,

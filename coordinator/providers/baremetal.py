@@ -4,7 +4,7 @@ Pure parts: the render table, plan and warning lines, the step list, the mapping
 service events (``dhcp-discover``, ``tftp-done``, ``script-fetched``, …) to onboarding stages,
 the stage record kept in the inventory (the server's ``facts`` until the agent enrolls and
 reports real facts) and the IDENTITY pillar text shown by ``lab get servers``, the BMC
-password source (environment or file; never argv). The I/O is in coordinator/cli/onboard_cmd.py.
+password source (environment or file; never argv). The I/O is in coordinator/cli/onboard_baremetal.py.
 """
 
 from __future__ import annotations
@@ -87,13 +87,17 @@ class StageTracker:
 
 
 def onboarding_facts(mac: str, stage: str, *, state: str = "running", history: Sequence[str] = (),
-                     at: float = 0.0, step: str | None = None) -> dict[str, Any]:
+                     at: float = 0.0, step: str | None = None, expires_at: float | None = None) -> dict[str, Any]:
     """What goes into the server's ``facts`` while it is being onboarded (the agent's facts replace
-    it at enrollment). ``state``: running, timed-out or failed (``step`` names the failed step)."""
+    it at enrollment). ``state``: running, timed-out or failed (``step`` names the failed step).
+    ``expires_at``: when the boot services stop serving the MAC (its token and allowlist entry
+    expire); a record still running after that reads as timed out (:func:`identity_pillar`)."""
     rec: dict[str, Any] = {"provider": PROVIDER, "mac": mac.lower(), "stage": stage, "state": state,
                            "history": list(history), "at": at}
     if step is not None:
         rec["step"] = step
+    if expires_at is not None:
+        rec["expires_at"] = expires_at
     return {"onboarding": rec}
 
 
@@ -112,18 +116,34 @@ def advance_onboarding(facts: Any, mac: str, key: str, *, at: float) -> dict[str
     if not stage_after(key, rec.get("stage") if rec.get("stage") in _RANK else None):
         return None
     history = [h for h in rec.get("history") or [] if isinstance(h, str)]
-    return {**facts, **onboarding_facts(mac, key, history=[*history, key], at=at)}
+    expires = rec.get("expires_at")
+    return {**facts, **onboarding_facts(mac, key, history=[*history, key], at=at,
+                                        expires_at=expires if isinstance(expires, (int, float)) else None)}
 
 
-def identity_pillar(facts: Any) -> str | None:
+def onboarding_state(rec: Mapping[str, Any], now: float | None = None) -> str:
+    """running, timed-out or failed: a running record past its ``expires_at`` (an onboarding left
+    waiting, e.g. `--no-wait` and the machine never booted) has timed out."""
+    state = str(rec.get("state") or "running")
+    expires = rec.get("expires_at")
+    if state == "running" and isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        import time
+
+        if (time.time() if now is None else now) >= expires:
+            return "timed-out"
+    return state
+
+
+def identity_pillar(facts: Any, now: float | None = None) -> str | None:
     """IDENTITY pillar text for a server that is not enrolled yet: the onboarding stage, or None."""
     rec = facts.get("onboarding") if isinstance(facts, Mapping) else None
     if not isinstance(rec, Mapping) or rec.get("stage") not in _BY_KEY:
         return None
     text = _BY_KEY[rec["stage"]].pillar.removeprefix("pxe: ")
-    if rec.get("state") == "timed-out":
+    state = onboarding_state(rec, now)
+    if state == "timed-out":
         return f"pxe: timed out {text}" if rec["stage"] == "waiting" else f"pxe: timed out at {text}"
-    if rec.get("state") == "failed":
+    if state == "failed":
         return f"pxe: failed at step {rec.get('step') or '?'}"
     return f"pxe: {text}"
 
@@ -139,14 +159,16 @@ def table_rows(name: str, mac: str, image: str, labels: Sequence[str], pxe_serve
 
 
 def plan_lines(mac: str, image: str, family: str, interface: str | None, labels: Sequence[str],
-               bmc: str | None = None, served_by: str | None = None) -> list[str]:
-    """``served_by``: `lab onboard --no-wait` leaves the boot to these running boot services."""
+               bmc: str | None = None, served_by: str | None = None, follow: bool = False) -> list[str]:
+    """``served_by``: `lab onboard --no-wait` leaves the boot to these running boot services
+    (``follow``: and follows the stages they record)."""
     installer = {"ubuntu": "Ubuntu autoinstall", "debian": "Debian preseed", "rhel": "kickstart"}.get(family, family)
     lines = []
     if bmc:
         lines.append(f"+ {bmc}: set next boot to PXE and power the machine on")
     lines += [
         f"+ Start PXE/DHCP/TFTP on {interface or 'all interfaces'}" if served_by is None
+        else f"+ Allow the MAC; {served_by} serves the boot, its stages are followed here" if follow
         else f"+ Return once the MAC is allowed; {served_by} serves the boot",
         f"+ Wait for machine with MAC {mac.upper()} to boot",
         f"+ Serve unattended {image} installer ({installer})",

@@ -235,3 +235,60 @@ def test_onboard_refuses_a_changed_host_key(world: dict[str, Any], wheelhouse: p
     assert r.returncode != 0 and "HOST KEY MISMATCH" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (w["target"] / "opt").exists()
     assert [s for s in servers(w) if s["name"] == "web-1"] == []
+
+
+@pytest.mark.slow
+def test_onboard_from_a_home_connected_to_the_daemon(world: dict[str, Any], wheelhouse: pathlib.Path) -> None:
+    """After `lab server connect` (or `lab server migrate`), the laptop onboards: it does the SSH
+    work, the daemon registers the server and mints the token, the agent enrolls with the
+    connected home's `server:` (no --server), the CLI waits through the daemon."""
+    w = world
+    coord = pathlib.Path(w["env"]["LAB_HOME"])
+    laptop = w["tmp"] / "laptop"
+    laptop.mkdir(mode=0o700)
+    for f in ("ca.pub", "admin.key", "admin.cert"):
+        shutil.copy2(coord / f, laptop / f)
+    env = dict(w["env"], LAB_HOME=str(laptop))
+    r = subprocess.run([LAB, "server", "connect", f"127.0.0.1:{w['dport']}"], env=env, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    args = [LAB, "onboard", "web-2", "--provider", "ssh", "--host", "127.0.0.1", "--port", str(w["sshd"].port),
+            "--identity", str(w["key"]), "--labels", "app", "--yes", "--accept-new-host-key",
+            "--target-root", str(w["target"]), "--service-mode", "process", "--wheelhouse", str(wheelhouse)]  # fmt: skip
+    r = subprocess.run(args, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert f"it reaches 127.0.0.1:{w['dport']}" in r.stdout and "+ Generate one-time enrollment token" in r.stdout
+    assert f"Identity established: web-2 enrolled with 127.0.0.1:{w['dport']} (labels: app)" in r.stdout, r.stdout
+    assert "NEW HOST KEY" in r.stderr and (laptop / "known_hosts").exists()  # the laptop's, not the coordinator's
+    assert not (laptop / "state.db").exists() and not (coord / "known_hosts").exists()
+
+    # `lab get servers` through the daemon shows it enrolled; so does the coordinator's own state
+    r = subprocess.run([LAB, "get", "servers", "-o", "json"], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert [(s["name"], s["identity"], s["provider"]) for s in json.loads(r.stdout)] == [("web-2", "enrolled", "ssh")]
+    assert [s["identity"] for s in servers(w) if s["name"] == "web-2"] == ["enrolled"]
+    enrolled = yaml_doc(w["target"] / "var/lib/lab/enrollment.yaml")
+    assert enrolled["node"] == "web-2" and enrolled["coordinator"] == f"127.0.0.1:{w['dport']}"
+
+    # audited on the coordinator with the admin certificate's name; no token anywhere
+    from lab.coordinator.state import StateDB
+
+    state = StateDB.open(coord)
+    try:
+        entries = [e for e in state.audit_log(500) if e.subject == "web-2"]
+    finally:
+        state.close()
+    mine = {(e.actor, e.action) for e in entries}
+    assert {("cert:admin", a) for a in ("onboard.start", "server.add", "token.create", "onboard.step", "onboard.done")} <= mine
+    assert "lab1." not in json.dumps([e.detail for e in entries])
+    log = w["dlog"].read_text()
+    assert "method=onboard.token" in log and "event=enroll.accepted" in log
+    for text in (out, log, (w["target"] / "var/log/lab-agent.log").read_text()):
+        assert "lab1." not in text
+
+
+def yaml_doc(path: pathlib.Path) -> dict[str, Any]:
+    import yaml
+
+    return dict(yaml.safe_load(path.read_text()))
