@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lab.common.errors import LabError, UsageError
@@ -25,10 +25,13 @@ def onboard_ssh(
     labels: Sequence[str] = (), *, environment: str | None = None, region: str | None = None,
     server: str | None = None, accept_new_host_key: bool = False, known_hosts: str | None = None,
     target_root: str = "", service_mode: str = "auto", wheels: str | None = None, yes: bool = False,
+    confirm: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Onboard ``name`` at ``host`` over SSH: probe, render, ask (unless ``yes``), install the
     agent, enroll it with the coordinator (``server``, default the home's `server:`), wait for the
-    enrollment. ``paths``: this home (:class:`~lab.coordinator.engine.Paths`). Returns
+    enrollment. ``paths``: this home (:class:`~lab.coordinator.engine.Paths`). ``confirm``: called
+    instead of the question (after the render, before any change; it raises to stop), for a
+    caller that asks once for more than the onboarding (`lab server migrate --target ssh`). Returns
     ``{"endpoint", "mode", "supervisor_pid", "labels"}``; raises OnboardFailed naming the step."""
     from lab.coordinator.cli import app as base
     from lab.coordinator.cli import onboard_cmd as common
@@ -91,7 +94,10 @@ def onboard_ssh(
             if target_info.get("python", "").rsplit(".", 1)[0] != local_py or target_info.get("machine") != os.uname().machine:
                 say(f"  ! the target runs Python {target_info.get('python')} on {target_info.get('machine')}; the shipped dependency wheels are for Python {local_py} on {os.uname().machine}")
             say("")
-            common._ask("Proceed?", yes)
+            if confirm is not None:
+                confirm()
+            else:
+                common._ask("Proceed?", yes)
 
             # Step 3: apply
             say("Step 3: Apply")
