@@ -31,10 +31,10 @@ from typing import Any, Final
 import trio
 
 from lab.common import rpc, wire
-from lab.common.errors import NotEntitled, NotFound, UsageError
+from lab.common.errors import NotFound, UsageError
 from lab.common.identity import CertificateAuthority
 from lab.coordinator.engine import Engine, Paths, ServerFilter
-from lab.coordinator.enrollment import ADMIN_ROLE, EnrollmentService, ensure_cluster_identity, load_identity, log_event
+from lab.coordinator.enrollment import EnrollmentService, ensure_cluster_identity, load_identity, log_event, require_admin
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "ENGINE_READ", "ENGINE_WRITE", "Coordinator", "parse_endpoint", "sd_notify", "serve"]
 
@@ -102,9 +102,7 @@ class Coordinator:
             name = method[len("engine."):]
             if name not in ENGINE_READ and name not in ENGINE_WRITE:
                 raise NotFound(f"no engine method {name!r}")
-            if ADMIN_ROLE not in peer.roles:
-                log_event(logging.WARNING, "api.denied", peer=peer.address, name=peer.name, method=method)
-                raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+            require_admin(peer, method)
             result = self._engine_call(peer, name, req.body)
             if name in ENGINE_WRITE and getattr(self, "identity_ops", None) is not None:  # [secrets] the policy follows the inventory
                 from lab.coordinator.cluster import republish_from_daemon

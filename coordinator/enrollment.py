@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from lab.common import rpc, wire
-from lab.common.errors import AuthError, ConfigError, LabError, UsageError
+from lab.common.errors import AuthError, ConfigError, LabError, NotEntitled, UsageError
 from lab.common.identity import (
     DEFAULT_CERT_LIFETIME,
     KEY_LEN,
@@ -65,6 +65,14 @@ MAX_FACTS: Final = 1024 * 1024
 def log_event(level: int, event: str, **fields: object) -> None:
     """One structured line on ``lab.enroll`` through :func:`rpc.log_event` (never pass secrets)."""
     rpc.log_event(log, level, event, **fields)
+
+
+def require_admin(peer: Any, method: str) -> None:
+    """The gate of every operator method of the daemon: NotEntitled (logged as ``api.denied``)
+    unless the peer's certificate carries the ``admin`` role."""
+    if ADMIN_ROLE not in peer.roles:
+        log_event(logging.WARNING, "api.denied", peer=getattr(peer, "address", None), name=peer.name, method=method)
+        raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
 
 
 # ---------------------------------------------------------------------------------------------

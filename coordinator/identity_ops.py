@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from lab.common.errors import ConfigError, LabError, NotEntitled, NotFound, RemoteProtocolError, StateError, UsageError
+from lab.common.errors import ConfigError, LabError, NotFound, RemoteProtocolError, StateError, UsageError
 from lab.common.identity import (
     Certificate,
     CertificateAuthority,
@@ -55,7 +55,6 @@ CRL_FILE: Final = "revocations.crl"
 CERTS_DIR: Final = "certs"
 ENDPOINT_FILE: Final = "coordinator.endpoint"
 REVOKED_PREFIX: Final = "revoked:"
-ADMIN_ROLE: Final = "admin"
 PUBLISH_TIMEOUT: Final = 5.0
 
 log = logging.getLogger("lab.identity")
@@ -274,8 +273,9 @@ class IdentityService:
         return list(dict.fromkeys([*configured, *self.store_endpoints()]))
 
     async def handle(self, peer: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
-        if ADMIN_ROLE not in peer.roles:
-            raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+        from lab.coordinator.enrollment import require_admin
+
+        require_admin(peer, method)
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise UsageError("name must be a server name")

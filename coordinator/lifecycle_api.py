@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Final
 
-from lab.common.errors import LabError, NotEntitled, NotFound, UsageError
+from lab.common.errors import LabError, NotFound, UsageError
 from lab.coordinator import lifecycle
 
 __all__ = ["METHODS", "PLAN_OPTIONS", "Lifecycle", "LifecycleService", "ops"]
@@ -30,7 +30,6 @@ __all__ = ["METHODS", "PLAN_OPTIONS", "Lifecycle", "LifecycleService", "ops"]
 METHODS: Final = frozenset({"lifecycle.diff", "lifecycle.plan", "lifecycle.apply", "lifecycle.sync"})
 WRITES: Final = frozenset({"lifecycle.plan", "lifecycle.apply", "lifecycle.sync"})
 PLAN_OPTIONS: Final = ("labels", "provider", "environment", "region", "size", "hosts", "ssh")
-ADMIN_ROLE: Final = "admin"
 ONBOARD_REMOTE: Final = ("onboarding over SSH runs `lab onboard` from the host that applies the plan, so it is not "
                          "done through the coordinator daemon: run `lab apply server {name}` on the coordinator host")  # fmt: skip
 
@@ -225,11 +224,9 @@ class LifecycleService:
     async def handle(self, peer: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
         import trio
 
-        from lab.coordinator.enrollment import log_event
+        from lab.coordinator.enrollment import log_event, require_admin
 
-        if ADMIN_ROLE not in peer.roles:
-            log_event(logging.WARNING, "api.denied", peer=getattr(peer, "address", None), name=peer.name, method=method)
-            raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+        require_admin(peer, method)
         if method not in METHODS:
             raise NotFound(f"no method {method!r}")
         name = body.get("name")

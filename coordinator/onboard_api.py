@@ -31,11 +31,10 @@ import logging
 import time
 from typing import Any, Final
 
-from lab.common.errors import LabError, NotEntitled, NotFound, UsageError
+from lab.common.errors import LabError, NotFound, UsageError
 
 __all__ = ["METHODS", "handle"]
 
-ADMIN_ROLE: Final = "admin"
 METHODS: Final = frozenset({
     "onboard.status", "onboard.register", "onboard.token", "onboard.allow", "onboard.record", "onboard.audit",
     "tokens.create", "tokens.list", "tokens.revoke",
@@ -97,11 +96,9 @@ def _image_family(home: Any, image: str) -> str:
 async def handle(coordinator: Any, peer: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """One ``onboard.*`` / ``tokens.*`` request on the daemon's engine and home."""
     from lab.coordinator import onboarding, tokens
-    from lab.coordinator.enrollment import log_event
+    from lab.coordinator.enrollment import log_event, require_admin
 
-    if ADMIN_ROLE not in peer.roles:
-        log_event(logging.WARNING, "api.denied", peer=getattr(peer, "address", None), name=peer.name, method=method)
-        raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+    require_admin(peer, method)
     if method not in METHODS:
         raise NotFound(f"no method {method!r}")
     engine = coordinator.engine

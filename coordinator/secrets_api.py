@@ -25,11 +25,10 @@ import logging
 from typing import Any, Final
 
 from lab.common.config.model import Secret
-from lab.common.errors import ConfigError, LabError, NotEntitled, NotFound, RemoteProtocolError, UsageError
+from lab.common.errors import ConfigError, LabError, NotFound, RemoteProtocolError, UsageError
 
 __all__ = ["METHODS", "daemon_stores", "handle", "secret_from_wire", "secret_to_wire"]
 
-ADMIN_ROLE: Final = "admin"
 METHODS: Final = frozenset({"secrets.stores", "secrets.definition", "secrets.consumers", "secrets.audit", "secrets.publish"})
 MAX_STORED: Final = 1 << 18  # paths in one `secrets.audit` (the wire's own item cap)
 _WIRE_FIELDS: Final = {  # Secret field → accepted types (None allowed where the definition allows it)
@@ -80,11 +79,9 @@ def _stored(body: dict[str, Any]) -> dict[str, bool]:
 async def handle(coordinator: Any, peer: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """One ``secrets.*`` request on the daemon's engine (``coordinator``: the daemon's Coordinator)."""
     from lab.coordinator.cli import secret_cmd
-    from lab.coordinator.enrollment import log_event
+    from lab.coordinator.enrollment import log_event, require_admin
 
-    if ADMIN_ROLE not in peer.roles:
-        log_event(logging.WARNING, "api.denied", peer=getattr(peer, "address", None), name=peer.name, method=method)
-        raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+    require_admin(peer, method)
     if method not in METHODS:
         raise NotFound(f"no method {method!r}")
     engine = coordinator.engine

@@ -107,12 +107,11 @@ class MigrationService:
     # -- requests -------------------------------------------------------------------------------
 
     async def handle(self, peer: Any, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        from lab.coordinator.enrollment import ADMIN_ROLE
+        from lab.coordinator.enrollment import require_admin
 
         if method in ("migrate.fetch", "migrate.ready", "migrate.failed"):
             return self._from_node(peer, method, body)
-        if ADMIN_ROLE not in peer.roles:
-            raise NotEntitled(f"{method} needs the {ADMIN_ROLE!r} role")
+        require_admin(peer, method)
         if method == "migrate.plan":
             return self.plan(_text(body, "to"), _text(body, "listen"), _grace(body))
         if method == "migrate.start":
