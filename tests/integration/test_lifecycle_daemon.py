@@ -54,6 +54,21 @@ def connect(env: dict[str, str], coord: pathlib.Path, home: pathlib.Path, endpoi
     return cli
 
 
+def non_admin_identity(coord: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    """``dest`` holding admin.key/admin.cert for "ops": signed by the cluster's CA, role ``node``
+    only — what `connect(identity_from=…)` needs to play an operator without the admin role."""
+    from lab.common.identity import CertificateAuthority
+    from lab.coordinator.enrollment import _ensure_cert
+
+    dest.mkdir(mode=0o700)
+    ca = CertificateAuthority.load(coord / "ca.key")
+    try:
+        _ensure_cert(ca, dest, "admin", "ops", ("node",), time.time())
+    finally:
+        ca.close()
+    return dest
+
+
 def audit(coord: pathlib.Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(f"file:{coord / 'state.db'}?mode=ro", uri=True) as db:
         return [tuple(row) for row in db.execute("SELECT actor, action, subject FROM audit ORDER BY id")]
@@ -104,9 +119,6 @@ def test_lifecycle_through_the_daemon_equals_local_mode(coordinator: Any, tmp_pa
 
 
 def test_stale_plan_and_non_admin_refused(coordinator: Any, tmp_path: pathlib.Path) -> None:
-    from lab.common.identity import CertificateAuthority
-    from lab.coordinator.enrollment import _ensure_cert
-
     env, coord, daemon = coordinator
     remote = connect(env, coord, tmp_path / "cli", daemon.endpoint)
 
@@ -124,13 +136,7 @@ def test_stale_plan_and_non_admin_refused(coordinator: Any, tmp_path: pathlib.Pa
     assert r.returncode == 0 and run(remote, "apply", "server", "web-2").returncode == 0
 
     # an identity signed by the same CA without the admin role
-    ops = tmp_path / "ops-identity"
-    ops.mkdir(mode=0o700)
-    ca = CertificateAuthority.load(coord / "ca.key")
-    try:
-        _ensure_cert(ca, ops, "admin", "ops", ("node",), time.time())
-    finally:
-        ca.close()
+    ops = non_admin_identity(coord, tmp_path / "ops-identity")
     intruder = connect(env, coord, tmp_path / "ops", daemon.endpoint, identity_from=ops)
     before = audit(coord)
     for step in (("plan", "server", "web-3", "--label", "app", "--provider", "ssh"), ("apply", "server", "web-2"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from test_enroll_daemon import AGENT, run
-from test_lifecycle_daemon import audit, connect, coordinator  # noqa: F401  (fixture)
+from test_lifecycle_daemon import audit, connect, coordinator, non_admin_identity  # noqa: F401  (fixture)
 
 from lab.common.errors import NotEntitled
 from lab.coordinator.onboard_api import METHODS
@@ -64,19 +64,11 @@ def test_tokens_through_the_daemon(coordinator: Any, tmp_path: pathlib.Path) -> 
 
 
 def test_a_certificate_without_the_admin_role_is_refused_by_every_method(coordinator: Any, tmp_path: pathlib.Path) -> None:  # noqa: F811
-    from lab.common.identity import CertificateAuthority
     from lab.coordinator.client import RemoteEngine
     from lab.coordinator.engine import Paths
-    from lab.coordinator.enrollment import _ensure_cert
 
     env, coord, daemon = coordinator
-    ops = tmp_path / "ops-identity"
-    ops.mkdir(mode=0o700)
-    ca = CertificateAuthority.load(coord / "ca.key")
-    try:
-        _ensure_cert(ca, ops, "admin", "ops", ("node",), time.time())
-    finally:
-        ca.close()
+    ops = non_admin_identity(coord, tmp_path / "ops-identity")
     intruder = connect(env, coord, tmp_path / "ops", daemon.endpoint, identity_from=ops)
     before = audit(coord)
     for argv in (("token", "create", "web-9"), ("token", "list"), ("token", "revoke", "web-9")):

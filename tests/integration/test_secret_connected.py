@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyrage
 import pytest
 import trio
 from cluster_cli import eventually, lab, ok, running_cluster
-from test_lifecycle_daemon import connect
+from test_lifecycle_daemon import connect, non_admin_identity
 
 from lab.common import rpc
 from lab.coordinator import cluster as cluster_mod
@@ -166,18 +165,11 @@ def test_secret_commands_from_a_connected_home(cluster: Path, tmp_path: Path) ->
 
 
 def test_non_admin_certificate_refused(cluster: Path, tmp_path: Path) -> None:
-    from lab.common.identity import CertificateAuthority
-    from lab.coordinator.enrollment import _ensure_cert, load_identity
+    from lab.coordinator.enrollment import load_identity
 
     d, coord = cluster, cluster / "coordinator"
     endpoint = f"127.0.0.1:{cluster_mod.load(d).port('coordinator', 'coordinator')}"
-    ops = tmp_path / "ops-identity"
-    ops.mkdir(mode=0o700)
-    ca = CertificateAuthority.load(coord / "ca.key")
-    try:
-        _ensure_cert(ca, ops, "admin", "ops", ("node",), time.time())
-    finally:
-        ca.close()
+    ops = non_admin_identity(coord, tmp_path / "ops-identity")
     intruder = tmp_path / "ops"
     connect(_base_env(), coord, intruder, endpoint, identity_from=ops)
     for args, stdin in ((("secret", "set", PG), b"nope"), (("secret", "rotate", PG, "--generator", "random"), b""),
