@@ -102,7 +102,6 @@ class Coordinator:
             name = method[len("engine."):]
             if name not in ENGINE_READ and name not in ENGINE_WRITE:
                 raise NotFound(f"no engine method {name!r}")
-            require_admin(peer, method)
             result = self._engine_call(peer, name, req.body)
             if name in ENGINE_WRITE and getattr(self, "identity_ops", None) is not None:  # [secrets] the policy follows the inventory
                 from lab.coordinator.cluster import republish_from_daemon
@@ -127,10 +126,18 @@ class Coordinator:
             return await onboard_handle(self, peer, method, req.body)
         raise NotFound(f"no method {method!r}")
 
+    def operator_engine(self, peer: Any, method: str, methods: Any = None) -> Engine:
+        """The engine for one operator request: admin role checked, ``method`` one of ``methods``,
+        state and definitions reloaded (other `lab` processes may have written them)."""
+        require_admin(peer, method)
+        if methods is not None and method not in methods:
+            raise NotFound(f"no method {method!r}")
+        self.engine.reload()
+        self.engine.state.warnings.clear()
+        return self.engine
+
     def _engine_call(self, peer: rpc.PeerInfo, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        engine = self.engine
-        engine.reload()  # other `lab` processes may have written state.db or definitions
-        engine.state.warnings.clear()
+        engine = self.operator_engine(peer, f"engine.{name}")
         if name.startswith("get_"):
             flt = ServerFilter(*(tuple(_str_list(body, k)) for k in _FILTER_KEYS))
             result: Any = getattr(engine, name)(flt)

@@ -31,7 +31,7 @@ import logging
 import time
 from typing import Any, Final
 
-from lab.common.errors import LabError, NotFound, UsageError
+from lab.common.errors import LabError, UsageError
 
 __all__ = ["METHODS", "handle"]
 
@@ -96,14 +96,9 @@ def _image_family(home: Any, image: str) -> str:
 async def handle(coordinator: Any, peer: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """One ``onboard.*`` / ``tokens.*`` request on the daemon's engine and home."""
     from lab.coordinator import onboarding, tokens
-    from lab.coordinator.enrollment import log_event, require_admin
+    from lab.coordinator.enrollment import log_event
 
-    require_admin(peer, method)
-    if method not in METHODS:
-        raise NotFound(f"no method {method!r}")
-    engine = coordinator.engine
-    engine.reload()  # other `lab` processes may have written state.db or definitions
-    engine.state.warnings.clear()
+    engine = coordinator.operator_engine(peer, method, METHODS)
     state, home, actor = engine.state, engine.paths.home, f"cert:{peer.name}"
     labels = _labels(body)
     if labels and method in ("onboard.status", "onboard.register", "onboard.token", "onboard.allow", "tokens.create"):

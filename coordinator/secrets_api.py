@@ -25,7 +25,7 @@ import logging
 from typing import Any, Final
 
 from lab.common.config.model import Secret
-from lab.common.errors import ConfigError, LabError, NotFound, RemoteProtocolError, UsageError
+from lab.common.errors import ConfigError, LabError, RemoteProtocolError, UsageError
 
 __all__ = ["METHODS", "daemon_stores", "handle", "secret_from_wire", "secret_to_wire"]
 
@@ -79,14 +79,9 @@ def _stored(body: dict[str, Any]) -> dict[str, bool]:
 async def handle(coordinator: Any, peer: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
     """One ``secrets.*`` request on the daemon's engine (``coordinator``: the daemon's Coordinator)."""
     from lab.coordinator.cli import secret_cmd
-    from lab.coordinator.enrollment import log_event, require_admin
+    from lab.coordinator.enrollment import log_event
 
-    require_admin(peer, method)
-    if method not in METHODS:
-        raise NotFound(f"no method {method!r}")
-    engine = coordinator.engine
-    engine.reload()  # other `lab` processes may have written state.db or definitions
-    engine.state.warnings.clear()
+    engine = coordinator.operator_engine(peer, method, METHODS)
     result: dict[str, Any] = {}
     if method == "secrets.definition":
         path = body.get("path")

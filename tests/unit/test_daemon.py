@@ -3,7 +3,6 @@ in-memory streams."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 import trio
 import trio.testing
 import yaml
+
+from _memory_rpc import memory_connect
 
 from lab.common import rpc
 from lab.common.errors import UsageError
@@ -67,20 +68,7 @@ def test_remote_cli_goes_through_the_daemon(tmp_path: Path, monkeypatch: pytest.
     server = rpc.Server(load_identity(home, "coordinator"), Coordinator(engine, service).handle, enroll_handler=service.enroll)
     seen: list[str] = []
 
-    @contextlib.asynccontextmanager
-    async def fake_connect(host: str, port: int, **kw: Any) -> Any:
-        seen.append(f"{host}:{port}")
-        a, b = trio.testing.memory_stream_pair()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.handle_connection, b, ("127.0.0.1", 1))
-                async with rpc.open_connection(a, **kw) as conn:
-                    yield conn
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # as rpc.connect does
-            raise rpc._unwrap(group) from None
-
-    monkeypatch.setattr(client_mod.rpc, "connect", fake_connect)
+    monkeypatch.setattr(client_mod.rpc, "connect", memory_connect(server, seen))
     (home / "config.yaml").write_text(yaml.safe_dump({"server": "127.0.0.1:7443"}))
     try:
         capsys.readouterr()

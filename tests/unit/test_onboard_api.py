@@ -15,6 +15,7 @@ import yaml
 
 from lab.common.errors import NotEntitled, UsageError
 from lab.coordinator.cli.app import run
+from lab.coordinator.daemon import Coordinator
 from lab.coordinator.engine import Engine, Paths
 from lab.coordinator.onboard_api import METHODS, handle
 from lab.coordinator.onboarding import LocalOnboarding
@@ -34,6 +35,8 @@ def home(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest
 
 class Daemon:
     """What onboard_api needs of the daemon's Coordinator."""
+
+    operator_engine = Coordinator.operator_engine  # the real admin gate and reload
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -4,7 +4,6 @@ status, admin role checked before anything else, request bodies checked, audit n
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ import pytest
 import trio
 import trio.testing
 import yaml
+
+from _memory_rpc import memory_connect
 
 from lab.common import rpc, wire
 from lab.common.errors import NotEntitled, NotFound, UsageError
@@ -40,19 +41,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[En
     coordinator = Coordinator(engine, service)
     server = rpc.Server(load_identity(home, "coordinator"), coordinator.handle, enroll_handler=service.enroll)
 
-    @contextlib.asynccontextmanager
-    async def memory_connect(host: str, port: int, **kw: Any) -> Any:
-        a, b = trio.testing.memory_stream_pair()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.handle_connection, b, ("127.0.0.1", 1))
-                async with rpc.open_connection(a, **kw) as conn:
-                    yield conn
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # as rpc.connect does
-            raise rpc._unwrap(group) from None
-
-    monkeypatch.setattr(client_mod.rpc, "connect", memory_connect)
+    monkeypatch.setattr(client_mod.rpc, "connect", memory_connect(server))
     cli.mkdir()
     for f in ("ca.pub", "admin.key", "admin.cert"):
         shutil.copy2(home / f, cli / f)
